@@ -1,0 +1,56 @@
+# phizer: `make run` starts the whole stack, `make test` runs every test.
+# Both install whatever this machine lacks first (Debian packages, .venv, pillow-simd with AVX2).
+
+PYTHON      ?= python3
+VENV        := .venv
+VPY         := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+# Debian packages the stack and its tests need; installed only when absent.
+APT_PACKAGES := nginx-light memcached debootstrap gcc python3-dev python3-venv \
+                zlib1g-dev libjpeg62-turbo-dev libwebp-dev liblcms2-dev libtiff-dev libopenjp2-7-dev
+BENCH_APT_PACKAGES := wrk
+PILLOW_SIMD := $(shell grep -i '^pillow-simd==' requirements.txt)
+# Plain Pillow must never replace pillow-simd: keep the machine's own constraints and add ours.
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt $(wildcard /etc/xdg/pip/constraints.txt)
+AVX2 := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo 1)
+
+.PHONY: run test bench deploy lint system-deps install clean
+
+run: install
+	$(VPY) -m service.launcher
+
+test: install
+	$(VPY) -m ruff check service tests bench
+	$(VPY) -m pytest
+
+bench: install
+	$(MAKE) system-deps APT_PACKAGES="$(BENCH_APT_PACKAGES)"
+	$(VPY) -m bench.run
+
+lint: install
+	$(VPY) -m ruff check service tests bench
+
+install: system-deps $(STAMP)
+
+# apt-get only when a package is missing, so an installed machine needs no root and no network.
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip wheel setuptools
+	# pillow-simd compiles from source; -mavx2 doubles its resampling speed where the CPU has AVX2.
+	CC="cc $(if $(AVX2),-mavx2)" $(VPY) -m pip install -q --no-binary pillow-simd "$(PILLOW_SIMD)"
+	$(VPY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(VPY) -c "import PIL, PIL.features; assert '.post' in PIL.__version__, 'not pillow-simd: ' + PIL.__version__; \
+	    assert PIL.features.check('jpg') and PIL.features.check('webp') and PIL.features.check('littlecms2')"
+	touch $@
+
+clean:
+	rm -rf $(VENV) state

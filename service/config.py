@@ -1,0 +1,217 @@
+"""phizer's configuration: one schema with defaults, loaded from YAML and validated at start-up.
+
+Everything tunable (presets, origins, memcached, every limit) lives here so that a reader finds all knobs in
+one place, and a typo in a config file stops the service at start-up with a message naming the bad key
+instead of surfacing as a 500 later. Environment variables override the file for the few things an
+operator changes per host: ``PHIZER_CONFIG`` (the file), ``PHIZER_ORIGINS``, ``PHIZER_MEMCACHED``.
+S3 endpoint and credentials deliberately stay with boto3's own chain (``AWS_ENDPOINT_URL``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service.presets import FITS, FORMATS, Preset
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Bounds that keep one bad original or slow origin from hurting the instance."""
+
+    max_pixels: int = 50_000_000  # width x height of the original, checked from the header before decoding
+    max_original_bytes: int = 64 * 1024 * 1024  # larger originals are refused while streaming, with 413
+    max_key_bytes: int = 1024
+    max_frames: int = 100  # animated originals with more frames are served as a still of frame one
+    max_animation_pixels: int = 100_000_000  # sum over frames of an animated original
+    origin_connect_timeout: float = 3.0  # seconds
+    origin_read_timeout: float = 10.0  # seconds per read on HTTP/S3 origins
+    memcached_timeout: float = 0.25  # seconds; a hung memcached costs at most this per request
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+    """Encoder settings shared by every preset (quality is per preset)."""
+
+    background: str = "#ffffff"  # alpha is flattened onto this colour for formats without alpha
+    progressive_min_pixels: int = 100_000  # JPEG outputs at least this big are progressive
+    png_compress_level: int = 6
+    webp_method: int = 4
+    keep_metadata: tuple[str, ...] = ()  # EXIF tags kept in outputs, e.g. ("copyright", "artist")
+    animation: bool = True  # animated GIF/WebP stay animated (up to limits.max_frames)
+    url_format_suffix: bool = True  # /<preset>/<key>.webp forces WebP when <key> has its own extension
+
+
+@dataclasses.dataclass(frozen=True)
+class MemcachedOptions:
+    """How originals are kept in the shared memcached pool."""
+
+    servers: tuple[str, ...] = ()  # host:port; empty disables the originals cache
+    expire: int = 86_400  # seconds an original stays cached
+    chunk_bytes: int = 1_000_000  # originals are split into items below memcached's default 1 MiB item limit
+    pool_size: int = 64  # connections per server per instance (one per concurrent greenlet)
+    dead_timeout: float = 30.0  # seconds a failed server is skipped before it is retried
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration of one phizer instance."""
+
+    presets: Mapping[str, Preset]
+    origins: tuple[str, ...]
+    memcached: MemcachedOptions = MemcachedOptions()
+    limits: Limits = Limits()
+    encoding: Encoding = Encoding()
+    cache_control: str = "public, max-age=31536000"
+    error_cache_control: str = "public, max-age=60"  # for 404s, so a missing file cannot hammer the origin
+    s3_max_pool_connections: int = 64  # botocore's default of 10 would throw away connections under load
+
+
+def _check_type(path: str, value: Any, expected: type | tuple[type, ...]) -> Any:
+    if isinstance(value, bool) and expected in (int, float, (int, float)):
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if not isinstance(value, expected):
+        names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
+        raise ConfigError(f"{path}: expected {names}, got {value!r}")
+    return value
+
+
+def _build(cls: type, path: str, raw: Any, **fixed: Any) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrongly typed values by name."""
+    if raw is None:
+        raw = {}
+    _check_type(path, raw, dict)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    values: dict[str, Any] = dict(fixed)
+    for name, value in raw.items():
+        field = fields[name]
+        default = field.default
+        key = f"{path}.{name}"
+        if isinstance(default, tuple):
+            _check_type(key, value, list)
+            values[name] = tuple(str(v) for v in value)
+        elif isinstance(default, bool):
+            values[name] = _check_type(key, value, bool)
+        elif isinstance(default, float):
+            values[name] = float(_check_type(key, value, (int, float)))
+        elif isinstance(default, int):
+            values[name] = _check_type(key, value, int)
+        elif isinstance(default, str):
+            values[name] = _check_type(key, value, str)
+        else:  # optional fields (None default) of Preset
+            values[name] = value
+        if isinstance(values[name], (int, float)) and not isinstance(values[name], bool) and values[name] < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value!r}")
+    return cls(**values)
+
+
+def _preset(name: str, raw: Any) -> Preset:
+    path = f"presets.{name}"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ConfigError(f"{path}: preset names may hold only letters, digits, '_' and '-'")
+    _check_type(path, raw, dict)
+    for dim in ("width", "height"):
+        value = raw.get(dim)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000):
+            raise ConfigError(f"{path}.{dim}: expected a whole number of pixels from 1 to 10000, got {value!r}")
+    preset = _build(Preset, path, raw, name=name)
+    if preset.width is None and preset.height is None:
+        raise ConfigError(f"{path}: needs a width, a height or both")
+    if preset.fit not in FITS:
+        raise ConfigError(f"{path}.fit: must be one of {', '.join(FITS)}, got {preset.fit!r}")
+    if preset.fit == "cover" and (preset.width is None or preset.height is None):
+        raise ConfigError(f"{path}.fit: 'cover' needs both width and height")
+    if preset.format not in FORMATS:
+        raise ConfigError(f"{path}.format: must be one of {', '.join(FORMATS)}, got {preset.format!r}")
+    if not 1 <= preset.quality <= 100:
+        raise ConfigError(f"{path}.quality: must be from 1 to 100, got {preset.quality!r}")
+    for fmt, quality in preset.quality_by_format.items():
+        if fmt not in FORMATS or isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise ConfigError(f"{path}.quality_by_format.{fmt}: expected a known format and a quality from 1 to 100")
+    return preset
+
+
+def _origin(index: int, url: str) -> str:
+    """Check an origin URL's form; a relative ``file://dir`` is resolved against the checkout (for the samples)."""
+    if not re.match(r"^(s3://[^/]+|file://.|https?://[^/]+)", url):
+        raise ConfigError(
+            f"origins[{index}]: expected s3://bucket[/prefix], file:///abs/dir or http(s)://host[/prefix], got {url!r}"
+        )
+    if url.startswith("file://") and not url.startswith("file:///"):
+        return "file://" + str(REPO_ROOT / url[len("file://") :])
+    return url
+
+
+def _split_env(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a raw mapping (as read from YAML) and apply environment overrides."""
+    environ = os.environ if environ is None else environ
+    _check_type("config", raw, dict)
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    presets_raw = _check_type("presets", raw.get("presets") or {}, dict)
+    if not presets_raw:
+        raise ConfigError("presets: at least one preset is required")
+    presets = {name: _preset(name, value) for name, value in presets_raw.items()}
+
+    origins = list(_check_type("origins", raw.get("origins") or [], list))
+    if environ.get("PHIZER_ORIGINS"):
+        origins = _split_env(environ["PHIZER_ORIGINS"])
+    origins = [_origin(i, str(url)) for i, url in enumerate(origins)]
+    if not origins:
+        raise ConfigError("origins: at least one origin is required (or set PHIZER_ORIGINS)")
+
+    memcached_raw = dict(_check_type("memcached", raw.get("memcached") or {}, dict))
+    if "PHIZER_MEMCACHED" in environ:
+        memcached_raw["servers"] = _split_env(environ["PHIZER_MEMCACHED"])
+    memcached = _build(MemcachedOptions, "memcached", memcached_raw)
+    for i, server in enumerate(memcached.servers):
+        if not re.fullmatch(r"[^:\s]+:\d+", server):
+            raise ConfigError(f"memcached.servers[{i}]: expected host:port, got {server!r}")
+
+    scalars = {k: v for k, v in raw.items() if k not in ("presets", "origins", "memcached", "limits", "encoding")}
+    return _build(
+        Config,
+        "config",
+        scalars,
+        presets=presets,
+        origins=tuple(origins),
+        memcached=memcached,
+        limits=_build(Limits, "limits", raw.get("limits")),
+        encoding=_build(Encoding, "encoding", raw.get("encoding")),
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load ``path`` (else ``$PHIZER_CONFIG``, else the bundled default) and validate it."""
+    environ = os.environ if environ is None else environ
+    chosen = Path(path or environ.get("PHIZER_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        raw = yaml.safe_load(chosen.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{chosen}: cannot read config: {exc}") from exc
+    try:
+        return parse_config(raw, environ)
+    except ConfigError as exc:
+        raise ConfigError(f"{chosen}: {exc}") from exc

@@ -1,0 +1,96 @@
+"""Presets (the whitelist of renditions) and the parsing of public URLs ``/<preset>/<key>``.
+
+Only configured presets are served, so a client cannot ask for arbitrary sizes and fill the caches. The
+URL grammar and every check of a client-supplied key live here, before any I/O happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from service.errors import BadRequest, NotFound
+
+FITS = ("contain", "cover")
+# "auto" negotiates from Accept (WebP when the browser lists it); "source" keeps the original's format.
+FORMATS = ("auto", "source", "jpeg", "png", "webp", "gif")
+# URL suffixes that force an output format (see parse_path).
+SUFFIX_FORMATS = {"webp": "webp", "jpg": "jpeg", "jpeg": "jpeg", "png": "png", "gif": "gif"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One named rendition: box size, how the image fits it, and how it is encoded."""
+
+    name: str
+    width: int | None = None  # None: free (derived from height and the aspect ratio)
+    height: int | None = None
+    fit: str = "contain"  # contain: largest size inside the box; cover: exactly the box, centre-cropped
+    upscale: bool = False  # never enlarge beyond the original unless asked
+    quality: int = 82
+    quality_by_format: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    format: str = "auto"
+
+    def quality_for(self, fmt: str) -> int:
+        """The encoder quality for output format ``fmt`` (a per-format override, else the preset's)."""
+        return int(self.quality_by_format.get(fmt, self.quality))
+
+    def public(self) -> dict[str, Any]:
+        """The definition as served by ``/presets.json`` (for srcset builders and tests)."""
+        return {
+            "width": self.width,
+            "height": self.height,
+            "fit": self.fit,
+            "upscale": self.upscale,
+            "quality": self.quality,
+            "format": self.format,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRequest:
+    """A parsed public URL."""
+
+    preset: Preset
+    key: str  # the original's object key, as stored in the origins
+    format: str | None  # an output format forced by a URL suffix, else None
+
+
+def check_key(key: str, max_bytes: int) -> str:
+    """Reject keys that are empty, too long, carry control characters or try to climb out with ``..``."""
+    if not key:
+        raise BadRequest("empty key")
+    if len(key.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise BadRequest(f"key longer than {max_bytes} bytes")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
+        raise BadRequest("key contains control characters")
+    segments = key.split("/")
+    if any(seg in ("..", ".") for seg in segments):
+        raise BadRequest("key contains '.' or '..' segments")
+    if key.startswith("/") or "" in segments:
+        raise BadRequest("key contains empty segments")
+    return key
+
+
+def parse_path(
+    path: str, presets: Mapping[str, Preset], max_key_bytes: int, format_suffix: bool = True
+) -> ImageRequest:
+    """Split ``/<preset>/<key>`` (already percent-decoded) into a preset and a checked key.
+
+    With ``format_suffix``, ``/<preset>/photo.jpg.webp`` asks for ``photo.jpg`` as WebP: the suffix is only
+    taken as a format when what remains still has an extension, so a key ``photo.webp`` is never misread.
+    """
+    name, sep, key = path.lstrip("/").partition("/")
+    preset = presets.get(name)
+    if preset is None:
+        raise NotFound(f"unknown preset {name!r}")
+    if not sep:
+        raise BadRequest("missing key after the preset")
+    fmt = None
+    if format_suffix:
+        stem, dot, ext = key.rpartition(".")
+        last = stem.rpartition("/")[2]
+        if dot and ext.lower() in SUFFIX_FORMATS and "." in last.strip("."):
+            key, fmt = stem, SUFFIX_FORMATS[ext.lower()]
+    return ImageRequest(preset=preset, key=check_key(key, max_key_bytes), format=fmt)
