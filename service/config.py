@@ -39,6 +39,7 @@ class Limits:
     max_animation_pixels: int = 100_000_000  # sum over frames of an animated original
     origin_connect_timeout: float = 3.0  # seconds
     origin_read_timeout: float = 10.0  # seconds per read on HTTP/S3 origins
+    origin_total_timeout: float = 30.0  # seconds for a whole body, so a dripping origin cannot hold a request
     memcached_timeout: float = 0.25  # seconds; a hung memcached costs at most this per request
 
 

@@ -6,6 +6,7 @@ tracked by its own pid and stopped by that pid only; nothing here ever kills by 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -120,17 +121,13 @@ class Process:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Signal the process group we created, then SIGKILL it if it outlives ``timeout``."""
         if self.alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 self.popen.wait(5)
         else:
             self.popen.wait()
