@@ -7,6 +7,7 @@ is the only way to give both sides exactly the same cores.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -42,10 +43,8 @@ def pin(pid: int, cpus: set[int]) -> None:
         except OSError:
             continue
         for tid in tids:
-            try:
+            with contextlib.suppress(OSError):  # the thread ended meanwhile
                 os.sched_setaffinity(tid, cpus)
-            except OSError:  # the thread ended meanwhile
-                pass
 
 
 def rss_mb(pid: int) -> float:
