@@ -134,21 +134,29 @@ class HttpOrigin:
             raise OriginFailure(f"{self.url}: {exc.reason}") from exc
         except urllib3.exceptions.HTTPError as exc:
             raise OriginFailure(f"{self.url}: {exc}") from exc
+        finished = False  # only a connection whose response was read to the end may be reused
         try:
-            if resp.status in (404, 410):
-                return None
             if resp.status != 200:
+                resp.drain_conn()  # error bodies are small; reading them keeps the connection reusable
+                finished = True
+                if resp.status in (404, 410):
+                    return None
                 raise OriginFailure(f"{self.url}: HTTP {resp.status}")
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > self.limits.max_original_bytes:
                 raise TooLarge(f"original larger than {self.limits.max_original_bytes} bytes")
-            return read_limited(resp.stream(READ_CHUNK), self.limits.max_original_bytes, deadline, self.url)
+            data = read_limited(resp.stream(READ_CHUNK), self.limits.max_original_bytes, deadline, self.url)
+            finished = True
+            return data
         except urllib3.exceptions.ReadTimeoutError as exc:
             raise OriginTimeout(f"{self.url}: timed out") from exc
         except urllib3.exceptions.HTTPError as exc:
             raise OriginFailure(f"{self.url}: {exc}") from exc
         finally:
-            resp.release_conn()
+            if finished:
+                resp.release_conn()
+            else:
+                resp.close()
 
 
 class S3Origin:

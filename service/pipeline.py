@@ -1,0 +1,412 @@
+"""The image pipeline: one original plus one preset in, one encoded rendition out.
+
+Modelled on imgproxy's processing/pipeline.go: ``Pipeline.render`` is a short, explicit sequence of small named
+steps (open -> load -> normalise_mode -> resize -> orient -> to_srgb -> flatten -> encode), so a reader can see
+what happens to every pixel and in which order. Speed is the product, so the order is chosen for it:
+
+- JPEGs are always decoded with ``Image.draft`` (DCT scaling on load, 3-6x faster than a full decode) to a size
+  still at least ``DRAFT_GAP`` times the output, then ``reduce()`` + LANCZOS finish the job (``REDUCING_GAP``).
+- Orientation and the ICC conversion run *after* the resize, on the small image: a centred crop commutes with
+  the eight EXIF flips/rotations, and the colour transform is per pixel, so doing them last is exact for
+  orientation and within a fraction of a ΔE for colour (tests/test_fidelity.py measures it), at a fraction of
+  the cost. (imgproxy also rotates after scaling.)
+- Colour: embedded ICC profiles (RGB or CMYK, Adobe inverted CMYK included: Pillow un-inverts it on decode) are
+  converted to sRGB with littleCMS and then *dropped*: untagged images are sRGB on the web, and dropping saves
+  the bytes of a profile in every thumbnail. Grayscale stays grayscale (a gray profile is dropped unconverted).
+  CMYK without a profile falls back to Pillow's naive conversion, as there is no CMYK profile to assume.
+
+Errors: anything that is not a JPEG/PNG/WebP/GIF is ``UnsupportedMedia``; a corrupt or truncated file is
+``Unprocessable`` (never a half-decoded image); too many pixels, checked from the header before decoding, is
+``TooLarge``. AVIF is not offered: bookworm's libavif (0.11) is too old for pillow-simd's AVIF plugin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import math
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from fractions import Fraction
+
+from PIL import ExifTags, Image, ImageCms, ImageColor, ImageFile, ImageSequence
+
+from service.config import Encoding, Limits
+from service.errors import TooLarge, Unprocessable, UnsupportedMedia
+from service.presets import Preset
+
+# A truncated file must fail, never come out with a grey bottom half (this is Pillow's default; made explicit).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Pillow plugin name -> our format name. Only these decoders are ever tried: Pillow can open dozens of formats
+# (EPS would even run Ghostscript), and each one is attack surface the service does not need.
+SOURCE_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
+SAVE_FORMATS = {fmt: name for name, fmt in SOURCE_FORMATS.items()}
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif"}
+ANIMATED_OUTPUTS = ("gif", "webp")
+
+# JPEGs are DCT-scaled on load to at least this many times the output size, so LANCZOS still does the final,
+# sharp reduction (with 1.0 the DCT scaling alone would do it, visibly softer); see the quality test.
+DRAFT_GAP = 1.5
+# resize() first box-reduces by an integer factor while the remaining LANCZOS scale stays >= this (Pillow: 3.0
+# is practically indistinguishable from a plain LANCZOS resize).
+REDUCING_GAP = 3.0
+
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transposition that makes the image upright (2..8; 1 is upright).
+TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+SWAPS_AXES = (5, 6, 7, 8)
+EXIF_TAG_IDS = {name.lower(): int(tag) for name, tag in ExifTags.Base.__members__.items()}
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendition:
+    """One encoded output image."""
+
+    body: bytes
+    format: str  # "jpeg" | "png" | "webp" | "gif"
+    content_type: str
+    width: int
+    height: int
+
+
+# ---------------------------------------------------------------------------------------------------- geometry
+
+
+def _round(value: Fraction) -> int:
+    """Round half up, never to 0 (exact: the geometry is done in fractions so a box edge is never off by one)."""
+    return max(1, math.floor(value + Fraction(1, 2)))
+
+
+def output_size(src_w: int, src_h: int, preset: Preset) -> tuple[int, int]:
+    """The exact output size for an (upright) ``src_w`` x ``src_h`` original.
+
+    contain: the largest size inside the box, keeping the aspect ratio. cover: exactly the box. Without
+    ``upscale`` nothing is ever enlarged: contain stops at the original size, and cover shrinks the box (keeping
+    its aspect ratio, so square thumbnails stay square) until it fits inside the original.
+    """
+    if preset.fit == "cover":
+        assert preset.width is not None and preset.height is not None  # config.py guarantees it for cover
+        box_w, box_h = preset.width, preset.height
+        k = Fraction(1) if preset.upscale else min(Fraction(1), Fraction(src_w, box_w), Fraction(src_h, box_h))
+        return _round(box_w * k), _round(box_h * k)
+    scales = []
+    if preset.width is not None:
+        scales.append(Fraction(preset.width, src_w))
+    if preset.height is not None:
+        scales.append(Fraction(preset.height, src_h))
+    scale = min(scales)
+    if not preset.upscale:
+        scale = min(scale, Fraction(1))
+    return _round(src_w * scale), _round(src_h * scale)
+
+
+def crop_box(src_w: float, src_h: float, out_w: int, out_h: int) -> tuple[float, float, float, float]:
+    """The centred region of a ``src_w`` x ``src_h`` image with the aspect ratio of ``out_w`` x ``out_h``."""
+    if src_w * out_h > src_h * out_w:  # source is wider: crop the sides
+        w, h = src_h * out_w / out_h, src_h
+    else:
+        w, h = src_w, src_w * out_h / out_w
+    left, top = (src_w - w) / 2, (src_h - h) / 2
+    return left, top, left + w, top + h
+
+
+# ------------------------------------------------------------------------------------------------------- format
+
+
+def choose_format(
+    source_format: str, has_alpha: bool, animated: bool, preset_format: str, forced: str | None, accepts_webp: bool
+) -> str:
+    """The output format: URL-forced, else the preset's, else the source's ("source"), else negotiated ("auto").
+
+    "auto" gives WebP to browsers that accept it; others get GIF for animations, PNG when transparency matters
+    and JPEG for everything else.
+    """
+    chosen = forced or preset_format
+    if chosen == "source":
+        return source_format
+    if chosen != "auto":
+        return chosen
+    if accepts_webp:
+        return "webp"
+    if animated:
+        return "gif"
+    return "png" if has_alpha else "jpeg"
+
+
+def varies_on_accept(preset: Preset, forced_format: str | None) -> bool:
+    """Whether the output format (hence the response) depends on the Accept header: only "auto" negotiates."""
+    return forced_format is None and preset.format == "auto"
+
+
+# -------------------------------------------------------------------------------------------------------- steps
+
+
+@contextmanager
+def decoding() -> Iterator[None]:
+    """Map Pillow's many ways of failing on bad bytes to the service's client errors (never a 500)."""
+    try:
+        yield
+    except Image.DecompressionBombError as exc:
+        raise TooLarge(f"image has too many pixels ({exc})") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise UnsupportedMedia("not an image, or not JPEG, PNG, WebP or GIF") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError) as exc:
+        raise Unprocessable(f"corrupt or truncated image: {exc}") from exc
+
+
+def open_image(data: bytes, limits: Limits) -> Image.Image:
+    """Read the header only, and refuse an oversized image before a single pixel is decoded."""
+    with decoding():
+        im = Image.open(io.BytesIO(data), formats=tuple(SOURCE_FORMATS))
+    width, height = im.size
+    if width * height > limits.max_pixels:
+        raise TooLarge(f"image has {width}x{height} pixels, more than the limit of {limits.max_pixels}")
+    return im
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1..8) of the original; anything unreadable counts as upright."""
+    try:
+        value = im.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # a broken EXIF block must not cost the image: it only decides the rotation
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def load(im: Image.Image, target: tuple[int, int]) -> tuple[Image.Image, float]:
+    """Decode the pixels, shrinking on load where the decoder can (JPEG DCT scaling, sized by ``DRAFT_GAP``).
+
+    ``target`` is the size the whole (uncropped) raw image would be scaled to. Returns the decoded image and the
+    factor by which draft shrank it (1.0 without), so crop coordinates can be mapped into it exactly.
+    """
+    scale = 1.0
+    if im.format == "JPEG" and target[0] * DRAFT_GAP < im.width and target[1] * DRAFT_GAP < im.height:
+        width = im.width
+        want = (math.ceil(target[0] * DRAFT_GAP), math.ceil(target[1] * DRAFT_GAP))
+        drafted = im.draft(im.mode, want)
+        if drafted is not None:
+            scale = width / drafted[1][2]
+    with decoding():
+        im.load()
+    return im, scale
+
+
+def normalise_mode(im: Image.Image) -> Image.Image:
+    """Bring the decoded image to a mode LANCZOS works on: L, LA, RGB, RGBA or CMYK (converted in to_srgb).
+
+    Palette images become RGB(A); 16-bit grayscale is scaled (not clipped) to 8 bits; 16-bit RGB PNGs are
+    already read as 8-bit RGB by Pillow (most significant byte), which keeps full tonal range.
+    """
+    mode = im.mode
+    if mode in ("L", "LA", "RGB", "RGBA", "CMYK"):
+        return im
+    if mode in ("P", "PA"):
+        return im.convert("RGBA" if mode == "PA" or "transparency" in im.info else "RGB")
+    if mode == "1":
+        return im.convert("L")
+    if mode.startswith("I"):  # I;16, I;16B, I: 16-bit grayscale PNGs
+        return im.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    return im.convert("RGBA" if "A" in mode else "RGB")
+
+
+def resize(im: Image.Image, size: tuple[int, int], box: tuple[float, float, float, float]) -> Image.Image:
+    """Crop ``box`` (in ``im``'s coordinates) and scale it to ``size`` in one pass: reduce() then LANCZOS."""
+    if im.size == size and box == (0, 0, im.width, im.height):
+        return im
+    return im.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
+
+
+def orient(im: Image.Image, orientation: int) -> Image.Image:
+    """Apply the EXIF orientation; the tag itself is never written to the output (see encode)."""
+    transpose = TRANSPOSES.get(orientation)
+    return im if transpose is None else im.transpose(transpose)
+
+
+@functools.lru_cache(maxsize=32)
+def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """A littleCMS transform from an embedded profile to sRGB (cached: building one costs more than using it)."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = profile.profile.xcolor_space.strip()
+        if (space, mode) not in (("RGB", "RGB"), ("RGB", "RGBA"), ("CMYK", "CMYK")):
+            return None  # gray profiles, or a profile that does not match the pixels: leave the pixels alone
+        out_mode = "RGBA" if mode == "RGBA" else "RGB"
+        return ImageCms.buildTransform(profile, SRGB, mode, out_mode, ImageCms.Intent.PERCEPTUAL)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return None  # a broken profile is treated as none: better slightly-off colours than no image
+
+
+def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    """Convert pixels described by an embedded ICC profile to sRGB; CMYK always ends as RGB."""
+    transform = _srgb_transform(icc, im.mode) if icc else None
+    if transform is not None:
+        return ImageCms.applyTransform(im, transform)
+    return im.convert("RGB") if im.mode == "CMYK" else im
+
+
+def has_transparency(im: Image.Image) -> bool:
+    """Whether any pixel is not fully opaque (an all-opaque alpha channel is dropped, saving bytes)."""
+    return im.mode in ("LA", "RGBA") and im.getchannel("A").getextrema()[0] < 255
+
+
+def flatten(im: Image.Image, fmt: str, background: str) -> Image.Image:
+    """Composite alpha onto ``background`` when the output has no alpha, or when alpha carries nothing."""
+    if im.mode not in ("LA", "RGBA"):
+        return im
+    if fmt in ("png", "webp", "gif") and has_transparency(im):
+        return im
+    base_mode = im.mode[:-1]
+    if not has_transparency(im):
+        return im.convert(base_mode)
+    base = Image.new(base_mode, im.size, ImageColor.getcolor(background, base_mode))
+    base.paste(im, mask=im.getchannel("A"))
+    return base
+
+
+def kept_exif(im: Image.Image, keep: tuple[str, ...]) -> bytes | None:
+    """An EXIF block holding only the tags config keeps (e.g. copyright); never the orientation."""
+    if not keep:
+        return None
+    source = im.getexif()
+    exif = Image.Exif()
+    for name in keep:
+        tag = EXIF_TAG_IDS.get(name.lower())
+        if tag is not None and tag != ORIENTATION_TAG and tag in source:
+            exif[tag] = source[tag]
+    return exif.tobytes() if len(exif) else None
+
+
+def save_options(fmt: str, quality: int, pixels: int, encoding: Encoding) -> dict[str, object]:
+    """Encoder settings per output format."""
+    if fmt == "jpeg":
+        return {"quality": quality, "optimize": True, "progressive": pixels >= encoding.progressive_min_pixels}
+    if fmt == "png":
+        return {"compress_level": encoding.png_compress_level}
+    if fmt == "webp":
+        return {"quality": quality, "method": encoding.webp_method}
+    return {}
+
+
+def encode(im: Image.Image, fmt: str, quality: int, encoding: Encoding, exif: bytes | None) -> bytes:
+    """Encode one still image; only the metadata passed in ``exif`` is written (no ICC, no orientation)."""
+    options = save_options(fmt, quality, im.width * im.height, encoding)
+    if exif and fmt != "gif":
+        options["exif"] = exif
+    out = io.BytesIO()
+    im.save(out, SAVE_FORMATS[fmt], **options)
+    return out.getvalue()
+
+
+def animation_frames(im: Image.Image, limits: Limits, encoding: Encoding) -> int:
+    """The number of frames to keep animated: 0 when the original is a still or must be served as one."""
+    if not encoding.animation or not getattr(im, "is_animated", False):
+        return 0
+    with decoding():
+        frames = im.n_frames
+    if frames > limits.max_frames or frames * im.width * im.height > limits.max_animation_pixels:
+        return 0
+    return frames
+
+
+# ----------------------------------------------------------------------------------------------------- pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the header tells about one original and one preset, before any pixel is decoded."""
+
+    image: Image.Image  # opened, not yet decoded
+    source_format: str
+    orientation: int
+    raw_size: tuple[int, int]  # the output size before orientation (axes swapped for orientations 5-8)
+    out_size: tuple[int, int]  # the final, upright output size
+    box: tuple[float, float, float, float]  # the region of the raw original that is kept (cover crops)
+    icc: bytes | None
+
+
+class Pipeline:
+    """Renders originals to presets; one per worker, holding the encoder settings and limits."""
+
+    def __init__(self, encoding: Encoding, limits: Limits) -> None:
+        self.encoding = encoding
+        self.limits = limits
+
+    def render(
+        self,
+        data: bytes,
+        digest: str,
+        preset: Preset,
+        *,
+        accepts_webp: bool = False,
+        forced_format: str | None = None,
+    ) -> Rendition:
+        """Render ``data`` (the original, whose content hash is ``digest``) at ``preset``."""
+        plan = self.plan(data, preset)
+        exif = kept_exif(plan.image, self.encoding.keep_metadata)
+        if animation_frames(plan.image, self.limits, self.encoding):
+            fmt = choose_format(plan.source_format, True, True, preset.format, forced_format, accepts_webp)
+            if fmt in ANIMATED_OUTPUTS:
+                body = self.animation(plan, fmt, preset.quality_for(fmt))
+                return Rendition(body, fmt, CONTENT_TYPES[fmt], *plan.out_size)
+        im = self.still(plan)
+        fmt = choose_format(plan.source_format, has_transparency(im), False, preset.format, forced_format, accepts_webp)
+        im = flatten(im, fmt, self.encoding.background)
+        body = encode(im, fmt, preset.quality_for(fmt), self.encoding, exif)
+        return Rendition(body, fmt, CONTENT_TYPES[fmt], *plan.out_size)
+
+    def plan(self, data: bytes, preset: Preset) -> Plan:
+        """Open the original (header only, limits checked) and work out the geometry for ``preset``."""
+        im = open_image(data, self.limits)
+        orientation = exif_orientation(im)
+        swap = orientation in SWAPS_AXES
+        out_w, out_h = output_size(*((im.height, im.width) if swap else im.size), preset)
+        raw_size = (out_h, out_w) if swap else (out_w, out_h)
+        box = crop_box(im.width, im.height, *raw_size) if preset.fit == "cover" else (0.0, 0.0, im.width, im.height)
+        return Plan(
+            im, SOURCE_FORMATS[im.format or ""], orientation, raw_size, (out_w, out_h), box, im.info.get("icc_profile")
+        )
+
+    def still(self, plan: Plan) -> Image.Image:
+        """Decode (shrinking on load), resize, orient and convert to sRGB: the image ready to flatten and encode."""
+        left, top, right, bottom = plan.box
+        shrink = max(plan.raw_size[0] / (right - left), plan.raw_size[1] / (bottom - top))
+        width, height = plan.image.size
+        im, scale = load(plan.image, (math.ceil(width * shrink), math.ceil(height * shrink)))
+        im = normalise_mode(im)
+        with decoding():
+            im = resize(im, plan.raw_size, (left / scale, top / scale, right / scale, bottom / scale))
+        im = orient(im, plan.orientation)
+        return to_srgb(im, plan.icc)
+
+    def animation(self, plan: Plan, fmt: str, quality: int) -> bytes:
+        """Resize every frame (GIF/WebP give each frame fully composited), keeping durations and loop count."""
+        frames, durations = [], []
+        with decoding():
+            for frame in ImageSequence.Iterator(plan.image):
+                durations.append(frame.info.get("duration", 100))
+                still = resize(frame.convert("RGBA"), plan.raw_size, plan.box)
+                frames.append(to_srgb(orient(still, plan.orientation), plan.icc))
+        out = io.BytesIO()
+        options = {"quality": quality, "method": self.encoding.webp_method} if fmt == "webp" else {"disposal": 2}
+        frames[0].save(
+            out,
+            SAVE_FORMATS[fmt],
+            save_all=True,
+            append_images=frames[1:],
+            duration=durations,
+            loop=plan.image.info.get("loop", 0),
+            **options,
+        )
+        return out.getvalue()

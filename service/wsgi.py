@@ -1,0 +1,16 @@
+"""The WSGI entry point gunicorn loads in each worker: ``service.wsgi:app``.
+
+Imported after gevent's monkey-patching (no ``--preload``); network clients inside are created on first use.
+"""
+
+import logging
+import os
+
+from service.app import create_app
+from service.config import load_config
+
+logging.basicConfig(
+    level=os.environ.get("PHIZER_LOG_LEVEL", "INFO").upper(), format="%(levelname)s %(name)s: %(message)s"
+)
+
+app = create_app(load_config(), instance=os.environ.get("PHIZER_INSTANCE", ""))
