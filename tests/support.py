@@ -57,25 +57,28 @@ def memcached(log_dir: Path) -> Iterator[tuple[Process, str]]:
 
 
 @contextmanager
-def moto_s3(log_dir: Path) -> Iterator[str]:
-    """moto's standalone S3 server over HTTP; yields its endpoint URL."""
+def moto_s3(log_dir: Path, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+    """moto's standalone S3 server, over HTTP or (given a cert and key) HTTPS; yields its endpoint URL."""
     port = free_port()
-    proc = Process(
-        "moto", [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log_dir / f"moto-{port}.log"
-    )
+    argv = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    if tls:
+        argv += ["--ssl-cert", str(tls[0]), "--ssl-key", str(tls[1])]
+    proc = Process("moto", argv, log_dir / f"moto-{port}.log")
     try:
         proc.wait_ready(tcp_ready("127.0.0.1", port))
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         proc.stop()
 
 
-def s3_client(endpoint: str) -> Any:
+def s3_client(endpoint: str, verify: str | None = None) -> Any:
+    """A boto3 client for test set-up (the service makes its own)."""
     import boto3
 
     return boto3.client(
         "s3",
         endpoint_url=endpoint,
+        verify=verify,
         **{k.lower(): v for k, v in AWS_ENV.items() if "KEY" in k},
         region_name=AWS_ENV["AWS_DEFAULT_REGION"],
     )
@@ -211,3 +214,36 @@ def instance(
         yield proc, url
     finally:
         proc.stop()
+
+
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (and its key), to run an origin over HTTPS that clients can verify."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path

@@ -231,3 +231,18 @@ def test_origin_error_and_timeout(tmp_path: Path) -> None:
             assert raw_get(url, "/small/x.jpg")[0] == 504
     finally:
         upload.close()
+
+
+def test_s3_over_https_under_gevent(corpus: Path, tmp_path: Path) -> None:
+    """TLS is where creating boto3 clients before gevent's patching breaks (RecursionError): prove it does not."""
+    cert, key = support.self_signed_cert(tmp_path)
+    with support.moto_s3(tmp_path, tls=(cert, key)) as endpoint:
+        client = support.s3_client(endpoint, verify=str(cert))
+        client.create_bucket(Bucket="secure")
+        client.put_object(Bucket="secure", Key="a.jpg", Body=(corpus / "16_storm_720_30k.jpg").read_bytes())
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_CA_BUNDLE": str(cert)}
+        with support.instance(tmp_path, ["s3://secure"], env=env, name="tls") as (_, url):
+            with ThreadPoolExecutor(4) as pool:
+                responses = list(pool.map(lambda p: requests.get(f"{url}/{p}/a.jpg", timeout=30), ["small", "thumb"]))
+            assert [r.status_code for r in responses] == [200, 200], responses[0].text
+            assert size_of(responses[1].content) == (150, 150)
