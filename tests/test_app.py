@@ -1,0 +1,63 @@
+"""The app assembled in-process with a fake originals store (create_app takes its collaborators)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import falcon.testing
+import pytest
+
+from service.app import create_app, etag_matches
+from service.config import load_config
+from service.errors import BadGateway, NotFound
+from service.origins import Original
+
+
+class FakeStore:
+    """Originals from a dict; anything else is missing, 'down/...' keys fail like a broken origin."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.requests: list[str] = []
+
+    def get(self, key: str) -> Original:
+        self.requests.append(key)
+        if key.startswith("down/"):
+            raise BadGateway("origin failed: fake")
+        if key not in self.files:
+            raise NotFound(f"original {key!r} not found")
+        return Original.from_bytes(self.files[key])
+
+
+@pytest.fixture
+def client(corpus: Path) -> falcon.testing.TestClient:
+    store = FakeStore({"storm.jpg": (corpus / "16_storm_720_30k.jpg").read_bytes()})
+    return falcon.testing.TestClient(create_app(load_config(environ={}), store=store, instance="t1"))
+
+
+def test_renders_with_injected_store(client: falcon.testing.TestClient) -> None:
+    resp = client.simulate_get("/thumb/storm.jpg", headers={"Accept": "image/jpeg"})
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
+    assert resp.headers["x-phizer-instance"] == "t1"
+
+
+def test_conditional_get_skips_rendering(client: falcon.testing.TestClient) -> None:
+    etag = client.simulate_get("/small/storm.jpg").headers["etag"]
+    resp = client.simulate_get("/small/storm.jpg", headers={"If-None-Match": f'"other", W/{etag}'})
+    assert resp.status_code == 304 and resp.content == b""
+
+
+def test_errors_are_one_plain_line(client: falcon.testing.TestClient) -> None:
+    missing = client.simulate_get("/small/missing.jpg")
+    assert (missing.status_code, missing.text) == (404, "original 'missing.jpg' not found\n")
+    assert missing.headers["cache-control"] == "public, max-age=60"  # nginx caches 404s briefly
+    failed = client.simulate_get("/small/down/x.jpg")
+    assert failed.status_code == 502 and failed.headers["cache-control"] == "no-store"
+    assert "etag" not in failed.headers
+    post = client.simulate_post("/small/storm.jpg")
+    assert post.status_code == 405 and post.headers["allow"] == "GET, HEAD"
+
+
+def test_etag_matching() -> None:
+    assert etag_matches('"a", "b"', '"b"') and etag_matches("*", '"x"') and etag_matches('W/"b"', '"b"')
+    assert not etag_matches(None, '"b"') and not etag_matches('"bb"', '"b"')
