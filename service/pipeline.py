@@ -176,12 +176,23 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
     return im
 
 
-def exif_orientation(im: Image.Image) -> int:
-    """The EXIF orientation (1..8) of the original; anything unreadable counts as upright."""
+def header_exif(im: Image.Image) -> Image.Exif:
+    """The EXIF of an opened image, read without decoding pixels; anything unreadable counts as none.
+
+    Pillow's PNG ``getexif()`` decodes the whole image to look for an eXIf chunk after the pixels, which would
+    decode before draft and swallow decoding errors here: for PNG only an eXIf chunk before the pixels counts.
+    """
+    if im.format == "PNG" and "exif" not in im.info:
+        return Image.Exif()
     try:
-        value = im.getexif().get(ORIENTATION_TAG, 1)
-    except Exception:  # a broken EXIF block must not cost the image: it only decides the rotation
-        return 1
+        return im.getexif()
+    except Exception:  # a broken EXIF block must not cost the image: it only decides rotation and kept tags
+        return Image.Exif()
+
+
+def exif_orientation(exif: Image.Exif) -> int:
+    """The EXIF orientation (1..8); a missing or out-of-range value counts as upright."""
+    value = exif.get(ORIENTATION_TAG, 1)
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
@@ -275,11 +286,8 @@ def flatten(im: Image.Image, fmt: str, background: str) -> Image.Image:
     return base
 
 
-def kept_exif(im: Image.Image, keep: tuple[str, ...]) -> bytes | None:
+def kept_exif(source: Image.Exif, keep: tuple[str, ...]) -> bytes | None:
     """An EXIF block holding only the tags config keeps (e.g. copyright); never the orientation."""
-    if not keep:
-        return None
-    source = im.getexif()
     exif = Image.Exif()
     for name in keep:
         tag = EXIF_TAG_IDS.get(name.lower())
@@ -334,6 +342,7 @@ class Plan:
     out_size: tuple[int, int]  # the final, upright output size
     box: tuple[float, float, float, float]  # the region of the raw original that is kept (cover crops)
     icc: bytes | None
+    exif: Image.Exif
 
 
 class Pipeline:
@@ -354,7 +363,7 @@ class Pipeline:
     ) -> Rendition:
         """Render ``data`` (the original, whose content hash is ``digest``) at ``preset``."""
         plan = self.plan(data, preset)
-        exif = kept_exif(plan.image, self.encoding.keep_metadata)
+        exif = kept_exif(plan.exif, self.encoding.keep_metadata)
         if animation_frames(plan.image, self.limits, self.encoding):
             fmt = choose_format(plan.source_format, True, True, preset.format, forced_format, accepts_webp)
             if fmt in ANIMATED_OUTPUTS:
@@ -369,14 +378,14 @@ class Pipeline:
     def plan(self, data: bytes, preset: Preset) -> Plan:
         """Open the original (header only, limits checked) and work out the geometry for ``preset``."""
         im = open_image(data, self.limits)
-        orientation = exif_orientation(im)
+        exif = header_exif(im)
+        orientation = exif_orientation(exif)
         swap = orientation in SWAPS_AXES
         out_w, out_h = output_size(*((im.height, im.width) if swap else im.size), preset)
         raw_size = (out_h, out_w) if swap else (out_w, out_h)
         box = crop_box(im.width, im.height, *raw_size) if preset.fit == "cover" else (0.0, 0.0, im.width, im.height)
-        return Plan(
-            im, SOURCE_FORMATS[im.format or ""], orientation, raw_size, (out_w, out_h), box, im.info.get("icc_profile")
-        )
+        icc = im.info.get("icc_profile")
+        return Plan(im, SOURCE_FORMATS[im.format or ""], orientation, raw_size, (out_w, out_h), box, icc, exif)
 
     def still(self, plan: Plan) -> Image.Image:
         """Decode (shrinking on load), resize, orient and convert to sRGB: the image ready to flatten and encode."""

@@ -1,0 +1,275 @@
+"""The image pipeline end to end (bytes in, rendition out): the Pillow build, golden geometry, format
+negotiation, encoding, alpha, animation and every bad-input error class."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import ExifTags, Image, features
+
+from service.config import Encoding, Limits
+from service.errors import TooLarge, Unprocessable, UnsupportedMedia
+from service.pipeline import Pipeline, choose_format, output_size, varies_on_accept
+from service.presets import Preset
+from tests.imaging import DEFAULT_CONFIG, corpus_files, decode
+
+PIPELINE = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
+SMALL = DEFAULT_CONFIG.presets["small"]
+# Per corpus file: (format, mode) without WebP in Accept, then the decoded mode of the WebP served with it.
+GOLDEN = {
+    "08_grey_4mp_grayscale.jpg": ("jpeg", "L", "RGB"),  # grayscale stays grayscale (WebP has no gray mode)
+    "12_kite_alpha.png": ("png", "RGBA", "RGBA"),
+    "14_sunset_anim.gif": ("gif", "P", "RGBA"),
+}
+DEFAULT_GOLDEN = ("jpeg", "RGB", "RGB")
+
+
+def save(im: Image.Image, fmt: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    im.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def test_imported_pil_is_the_simd_build_with_the_codecs_we_need() -> None:
+    import PIL
+
+    assert ".post" in PIL.__version__, f"plain Pillow {PIL.__version__} replaced pillow-simd"
+    for feature in ("jpg", "webp", "zlib", "littlecms2"):
+        assert features.check(feature), f"pillow-simd was built without {feature}"
+    # AVIF would need libavif >= 1.0; Debian bookworm ships 0.11, so it is (knowingly) absent.
+
+
+def test_simd_build_uses_avx2_when_the_cpu_has_it() -> None:
+    cpu_flags = Path("/proc/cpuinfo").read_text().split()
+    if "avx2" not in cpu_flags:
+        pytest.skip("this CPU has no AVX2, so the SSE4 build is the right one")
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed, so the instructions in _imaging cannot be inspected")
+    from PIL import _imaging
+
+    listing = subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", _imaging.__file__], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    # 256-bit ymm registers only appear when the resampling code was compiled with -mavx2.
+    assert "%ymm" in listing, "pillow-simd was compiled without -mavx2 on an AVX2 CPU"
+
+
+@pytest.mark.parametrize("webp", [False, True], ids=["accept-default", "accept-webp"])
+def test_golden_geometry_format_and_mode(corpus: Path, webp: bool) -> None:
+    """Every corpus file x every default preset: exact size, negotiated format, pixel mode, frames."""
+    for item in corpus_files(corpus):
+        data = item.path.read_bytes()
+        fmt, mode, webp_mode = GOLDEN.get(item.path.name, DEFAULT_GOLDEN)
+        if webp:
+            fmt, mode = "webp", webp_mode
+        for preset in DEFAULT_CONFIG.presets.values():
+            rendition = PIPELINE.render(data, "digest", preset, accepts_webp=webp)
+            out = decode(rendition.body)
+            size = output_size(*item.upright, preset)
+            where = (item.path.name, preset.name, webp)
+            assert (rendition.width, rendition.height) == size == out.size, where
+            assert rendition.format == fmt and out.format == fmt.upper(), where
+            assert rendition.content_type == f"image/{fmt}", where
+            assert out.mode == mode, where
+            assert getattr(out, "n_frames", 1) == (12 if item.path.name == "14_sunset_anim.gif" else 1), where
+            assert ExifTags.Base.Orientation not in out.getexif(), where
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("jpeg", False, False, "auto", None, False), "jpeg"),
+        (("jpeg", False, False, "auto", None, True), "webp"),
+        (("png", True, False, "auto", None, False), "png"),
+        (("gif", True, True, "auto", None, False), "gif"),
+        (("gif", True, True, "auto", None, True), "webp"),
+        (("webp", False, False, "source", None, False), "webp"),
+        (("png", True, False, "jpeg", None, True), "jpeg"),
+        (("jpeg", False, False, "auto", "png", True), "png"),
+        (("jpeg", False, False, "jpeg", "webp", False), "webp"),
+    ],
+)
+def test_choose_format(args: tuple, expected: str) -> None:
+    assert choose_format(*args) == expected
+
+
+def test_only_auto_without_a_forced_format_varies_on_accept() -> None:
+    assert varies_on_accept(Preset("a", 10, format="auto"), None)
+    assert not varies_on_accept(Preset("a", 10, format="auto"), "webp")
+    assert not varies_on_accept(Preset("a", 10, format="jpeg"), None)
+    assert not varies_on_accept(Preset("a", 10, format="source"), None)
+
+
+def test_forced_format_and_source_format(corpus: Path) -> None:
+    data = (corpus / "05_storm_2.5mp_baseline.jpg").read_bytes()
+    assert PIPELINE.render(data, "d", SMALL, accepts_webp=True, forced_format="png").format == "png"
+    gif = PIPELINE.render(data, "d", SMALL, forced_format="gif")
+    assert decode(gif.body).format == "GIF"
+    webp = (corpus / "13_onestandsout.webp").read_bytes()
+    assert PIPELINE.render(webp, "d", dataclasses.replace(SMALL, format="source")).format == "webp"
+
+
+def test_jpeg_encoding_progressive_above_threshold_quality_per_format(corpus: Path) -> None:
+    data = (corpus / "05_storm_2.5mp_baseline.jpg").read_bytes()
+    preset = Preset("p", 400, quality=90, quality_by_format={"jpeg": 30})
+    low = PIPELINE.render(data, "d", preset)
+    high = PIPELINE.render(data, "d", dataclasses.replace(preset, quality_by_format={}))
+    assert len(low.body) < len(high.body) / 2  # the per-format quality won
+    assert decode(high.body).info.get("progressive")  # 400x267 is above the default 100k pixels
+    tiny = PIPELINE.render(data, "d", Preset("t", 100))
+    assert not decode(tiny.body).info.get("progressive")
+
+
+def test_metadata_stripped_except_what_config_keeps(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Copyright] = "(c) phizer tests"
+    exif[ExifTags.Base.Make] = "Secret Camera"
+    exif[ExifTags.Base.Orientation] = 3
+    data = save(Image.new("RGB", (200, 100), "teal"), "JPEG", exif=exif.tobytes())
+    stripped = decode(PIPELINE.render(data, "d", SMALL).body)
+    assert len(stripped.getexif()) == 0 and "icc_profile" not in stripped.info
+    keeping = Pipeline(Encoding(keep_metadata=("copyright", "orientation")), Limits())
+    kept = decode(keeping.render(data, "d", SMALL).body).getexif()
+    assert dict(kept) == {ExifTags.Base.Copyright: "(c) phizer tests"}
+
+
+def soft_disc(size: int = 200) -> Image.Image:
+    """A red disc with a soft edge on fully transparent *black*, the classic source of black fringes."""
+    im = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    for y in range(size):
+        for x in range(size):
+            d = ((x - size / 2) ** 2 + (y - size / 2) ** 2) ** 0.5
+            alpha = max(0, min(255, int((size * 0.4 - d) * 16)))
+            if alpha:
+                im.putpixel((x, y), (255, 0, 0, alpha))
+    return im
+
+
+def test_alpha_kept_for_png_and_flattened_on_white_for_jpeg(corpus: Path) -> None:
+    kite = PIPELINE.render((corpus / "12_kite_alpha.png").read_bytes(), "d", SMALL)
+    out = decode(kite.body)
+    assert kite.format == "png" and out.mode == "RGBA" and out.getchannel("A").getextrema()[0] < 255
+
+    data = save(soft_disc(), "PNG")
+    as_png = decode(PIPELINE.render(data, "d", Preset("p", 100)).body)
+    assert as_png.mode == "RGBA" and as_png.getpixel((0, 0))[3] == 0 and as_png.getpixel((50, 50))[3] == 255
+    as_jpeg = decode(PIPELINE.render(data, "d", Preset("p", 100), forced_format="jpeg").body)
+    assert as_jpeg.mode == "RGB"
+    # Red and white both have R=255: any dark fringe (alpha flattened on black) pulls R down.
+    red_min = as_jpeg.getchannel("R").getextrema()[0]
+    assert red_min > 230, f"dark fringe: min R {red_min}"
+    assert min(as_jpeg.getpixel((0, 0))) > 245  # the background is white
+    green = Pipeline(dataclasses.replace(DEFAULT_CONFIG.encoding, background="#00ff00"), DEFAULT_CONFIG.limits)
+    corner = decode(green.render(data, "d", Preset("p", 100), forced_format="jpeg").body).getpixel((0, 0))
+    assert corner[0] < 10 and corner[1] > 245
+
+
+def test_opaque_alpha_channel_is_dropped() -> None:
+    data = save(Image.new("RGBA", (300, 200), (10, 20, 30, 255)), "PNG")
+    rendition = PIPELINE.render(data, "d", SMALL)
+    assert rendition.format == "jpeg" and decode(rendition.body).mode == "RGB"
+
+
+def frame_durations(im: Image.Image) -> list[int]:
+    """Every frame's duration in ms (WebP only fills it in once the frame is loaded)."""
+    durations = []
+    for i in range(im.n_frames):
+        im.seek(i)
+        im.load()
+        durations.append(im.info["duration"])
+    return durations
+
+
+def test_animation_keeps_frames_durations_and_loop(corpus: Path) -> None:
+    source = Image.open(corpus / "14_sunset_anim.gif")
+    durations = frame_durations(source)
+    assert len(durations) == 12
+    data = (corpus / "14_sunset_anim.gif").read_bytes()
+    for webp in (False, True):
+        out = decode(PIPELINE.render(data, "d", SMALL, accepts_webp=webp).body)
+        assert out.n_frames == 12 and out.size == (320, 213)
+        assert frame_durations(out) == durations, webp
+        assert out.info.get("loop") == source.info.get("loop")
+
+
+@pytest.mark.parametrize(
+    ("encoding", "limits"),
+    [
+        (Encoding(), Limits(max_frames=11)),
+        (Encoding(), Limits(max_animation_pixels=11 * 480 * 320)),
+        (Encoding(animation=False), Limits()),
+    ],
+    ids=["over-frame-limit", "over-animation-pixels", "animation-disabled"],
+)
+def test_animation_over_limits_is_a_still(corpus: Path, encoding: Encoding, limits: Limits) -> None:
+    data = (corpus / "14_sunset_anim.gif").read_bytes()
+    for webp in (False, True):
+        out = decode(Pipeline(encoding, limits).render(data, "d", SMALL, accepts_webp=webp).body)
+        assert getattr(out, "n_frames", 1) == 1 and out.size == (320, 213)
+        assert out.format == ("WEBP" if webp else "JPEG")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` and has no pixel data: a decompression bomb's header."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
+        b"IEND", b""
+    )
+
+
+def corrupt_png() -> bytes:
+    """A PNG whose compressed pixel stream is garbage in the middle (valid chunk layout, so it opens)."""
+    data = bytearray(save(Image.radial_gradient("L").convert("RGB"), "PNG"))
+    start = data.index(b"IDAT") + 4
+    data[start + 2 : start + 1002] = b"\xff" * 1000
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        (lambda corpus: b"hello, I am not an image", UnsupportedMedia),
+        (lambda corpus: b"", UnsupportedMedia),
+        (lambda corpus: save(Image.new("RGB", (50, 50)), "BMP"), UnsupportedMedia),
+        (lambda corpus: save(Image.new("RGB", (50, 50)), "TIFF"), UnsupportedMedia),
+        (lambda corpus: (corpus / "16_storm_720_30k.jpg").read_bytes()[:15000], Unprocessable),
+        (lambda corpus: (corpus / "12_kite_alpha.png").read_bytes()[:100000], Unprocessable),
+        (lambda corpus: (corpus / "14_sunset_anim.gif").read_bytes()[:200000], Unprocessable),
+        (lambda corpus: corrupt_png(), Unprocessable),
+        (lambda corpus: png_header_only(10000, 6000), TooLarge),  # over the 50 MP limit, under Pillow's bomb check
+        (lambda corpus: png_header_only(200000, 200000), TooLarge),  # Pillow's own DecompressionBombError
+    ],
+    ids=[
+        "text",
+        "empty",
+        "bmp",
+        "tiff",
+        "truncated-jpeg",
+        "truncated-png",
+        "truncated-gif",
+        "corrupt-png",
+        "too-many-pixels",
+        "decompression-bomb",
+    ],
+)
+def test_bad_input_maps_to_the_right_error(corpus: Path, make, error: type) -> None:
+    with pytest.raises(error) as raised:
+        PIPELINE.render(make(corpus), "d", SMALL)
+    assert raised.value.reason and "\n" not in raised.value.reason
+
+
+def test_pixel_limit_is_checked_from_the_header(corpus: Path) -> None:
+    strict = Pipeline(DEFAULT_CONFIG.encoding, Limits(max_pixels=720 * 480 - 1))
+    with pytest.raises(TooLarge):
+        strict.render((corpus / "16_storm_720_30k.jpg").read_bytes(), "d", SMALL)
