@@ -27,7 +27,17 @@ from service.procs import Process, free_port, http_ready, tcp_ready
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-CORPUS = Path(os.environ.get("PHIZER_CORPUS", REPO.parent / "shared" / "corpus"))
+
+
+def _find_corpus() -> Path:
+    """``$PHIZER_CORPUS``, else ``../shared/corpus`` beside the checkout, else this workplace's shared folder."""
+    if os.environ.get("PHIZER_CORPUS"):
+        return Path(os.environ["PHIZER_CORPUS"])
+    candidates = [REPO.parent / "shared" / "corpus", Path("/work/shared/corpus")]
+    return next((path for path in candidates if (path / "MANIFEST.tsv").exists()), candidates[0])
+
+
+CORPUS = _find_corpus()
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
