@@ -297,14 +297,16 @@ def kept_exif(source: Image.Exif, keep: tuple[str, ...]) -> bytes | None:
 
 
 def save_options(fmt: str, quality: int, pixels: int, encoding: Encoding) -> dict[str, object]:
-    """Encoder settings per output format."""
+    """Encoder settings per output format. ``icc_profile=None`` because Pillow's PNG encoder would otherwise
+    re-embed the profile that littleCMS left in ``im.info`` (we convert to sRGB and drop it)."""
+    options: dict[str, object] = {"icc_profile": None}
     if fmt == "jpeg":
-        return {"quality": quality, "optimize": True, "progressive": pixels >= encoding.progressive_min_pixels}
-    if fmt == "png":
-        return {"compress_level": encoding.png_compress_level}
-    if fmt == "webp":
-        return {"quality": quality, "method": encoding.webp_method}
-    return {}
+        options.update(quality=quality, optimize=True, progressive=pixels >= encoding.progressive_min_pixels)
+    elif fmt == "png":
+        options.update(compress_level=encoding.png_compress_level)
+    elif fmt == "webp":
+        options.update(quality=quality, method=encoding.webp_method)
+    return options
 
 
 def encode(im: Image.Image, fmt: str, quality: int, encoding: Encoding, exif: bytes | None) -> bytes:
@@ -408,7 +410,9 @@ class Pipeline:
                 still = resize(frame.convert("RGBA"), plan.raw_size, plan.box)
                 frames.append(to_srgb(orient(still, plan.orientation), plan.icc))
         out = io.BytesIO()
-        options = {"quality": quality, "method": self.encoding.webp_method} if fmt == "webp" else {"disposal": 2}
+        options = save_options(fmt, quality, plan.out_size[0] * plan.out_size[1], self.encoding)
+        if fmt == "gif":
+            options["disposal"] = 2  # every frame is complete: clear before drawing the next
         frames[0].save(
             out,
             SAVE_FORMATS[fmt],

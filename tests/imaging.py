@@ -68,8 +68,10 @@ def mean_delta_e(a: Image.Image, b: Image.Image) -> float:
     lab_a = ImageCms.applyTransform(a.convert("RGB"), _TO_LAB).tobytes()
     lab_b = ImageCms.applyTransform(b.convert("RGB"), _TO_LAB).tobytes()
     total = 0.0
-    # 8-bit Lab from littleCMS: L is 0..255 for 0..100, a and b are offset by 128 (so differences need no offset).
+    # Pillow's 8-bit Lab: L is 0..255 for 0..100; a and b are signed bytes (x ^ 0x80 makes them offset-128).
     for i in range(0, len(lab_a), 3):
         dl = (lab_a[i] - lab_b[i]) * (100 / 255)
-        total += math.sqrt(dl * dl + (lab_a[i + 1] - lab_b[i + 1]) ** 2 + (lab_a[i + 2] - lab_b[i + 2]) ** 2)
+        da = (lab_a[i + 1] ^ 0x80) - (lab_b[i + 1] ^ 0x80)
+        db = (lab_a[i + 2] ^ 0x80) - (lab_b[i + 2] ^ 0x80)
+        total += math.sqrt(dl * dl + da * da + db * db)
     return total / (len(lab_a) // 3)
