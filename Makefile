@@ -5,6 +5,8 @@ PYTHON      ?= python3
 VENV        := .venv
 VPY         := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
+THUMBOR_VENV  := bench/.venv-thumbor
+THUMBOR_STAMP := $(THUMBOR_VENV)/.installed
 # Debian packages the stack and its tests need; installed only when absent.
 APT_PACKAGES := nginx-light memcached debootstrap gcc python3-dev python3-venv \
                 zlib1g-dev libjpeg62-turbo-dev libwebp-dev liblcms2-dev libtiff-dev libopenjp2-7-dev
@@ -23,9 +25,16 @@ test: install
 	$(VPY) -m ruff check service tests bench
 	$(VPY) -m pytest
 
-bench: install
+bench: install $(THUMBOR_STAMP)
 	$(MAKE) system-deps APT_PACKAGES="$(BENCH_APT_PACKAGES)"
 	$(VPY) -m bench.run
+
+# The bench's peer (thumbor) and its chart's matplotlib need plain Pillow: their own venv, installed
+# with the machine's constraints only (ours forbid Pillow, rightly, for .venv).
+$(THUMBOR_STAMP): bench/requirements-thumbor.txt
+	$(PYTHON) -m venv $(THUMBOR_VENV)
+	PIP_CONSTRAINT="$(wildcard /etc/xdg/pip/constraints.txt)" $(THUMBOR_VENV)/bin/pip install -q -r bench/requirements-thumbor.txt
+	touch $@
 
 lint: install
 	$(VPY) -m ruff check service tests bench
@@ -53,4 +62,4 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	touch $@
 
 clean:
-	rm -rf $(VENV) state
+	rm -rf $(VENV) $(THUMBOR_VENV) state

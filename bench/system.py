@@ -108,4 +108,5 @@ def describe_machine() -> dict[str, object]:
         "memory_gib": round(mem_kb / 1024 / 1024, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # others' work skews every figure
     }

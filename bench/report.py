@@ -1,0 +1,226 @@
+"""Write bench/results/latest.json, latest.md and latest.png from one run's results.
+
+The chart is drawn by bench/chart.py with the thumbor venv's matplotlib: matplotlib needs Pillow, which must
+never be installed into phizer's .venv.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bench.peer import THUMBOR_PYTHON
+
+CHART = Path(__file__).with_name("chart.py")
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 5's targets, each with what was measured and whether it is met (None: not measured)."""
+    rows = []
+
+    def add(name: str, required: str, measured: Any, met: bool | None) -> None:
+        rows.append({"target": name, "required": required, "measured": measured, "met": met})
+
+    if "b1" in results:
+        ratio = results["b1"]["median_ratio"]
+        add("B1 cache hit vs nginx static", ">= 0.9x", f"{ratio}x", ratio >= 0.9)
+    if "b2" in results:
+        ratio, p99 = results["b2"]["median_ratio"], results["b2"]["median_p99_ratio"]
+        add("B2 page mix throughput vs thumbor", ">= 2.0x", f"{ratio}x", ratio >= 2.0)
+        add("B2 p99 vs thumbor", "not worse (<= 1.0x)", f"{p99}x", p99 <= 1.0)
+    if "b3" in results:
+        ratio = results["b3"]["median_ratio"]
+        add("B3 single-preset misses vs thumbor", ">= 1.2x", f"{ratio}x", ratio >= 1.2)
+    if "b4" in results:
+        ratio = results["b4"]["median_ratio"]
+        add("B4 cold page vs 200 ms + CPU/cores", "<= 1.3x", f"{ratio}x", ratio <= 1.3)
+    if "b5" in results:
+        worst = results["b5"]["max_median_overhead"]
+        add("B5 stack overhead vs in-process", "<= 15%", f"{worst * 100:.1f}%", worst <= 0.15)
+    if "memory" in results:
+        rss = results["memory"]["max_instance_rss_mb"]
+        add("RSS per instance after the run", "<= 300 MB", f"{rss} MB", rss <= 300)
+    return rows
+
+
+def _paired_table(rows: list[dict[str, Any]], peer: str) -> list[str]:
+    out = [
+        f"| round | phizer req/s | phizer p50 ms | phizer p99 ms | {peer} req/s | {peer} p50 ms | {peer} p99 ms "
+        "| ratio req/s | ratio p99 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        a, b = r["phizer"], r["peer"]
+        out.append(
+            f"| {r['round']} | {a['rps']:.1f} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | {b['rps']:.1f} | "
+            f"{b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {r['ratio']} | {r['p99_ratio']} |"
+        )
+    return out
+
+
+def _paired_section(title: str, data: dict[str, Any], peer: str, note: str) -> list[str]:
+    lines = [f"## {title}", "", note, "", *_paired_table(data["rounds"], peer), ""]
+    lines.append(f"Median ratio (phizer/{peer}): **{data['median_ratio']}x** req/s, {data['median_p99_ratio']}x p99.")
+    if data["errors"]:
+        lines.append(f"**{data['errors']} failed requests** (socket errors, timeouts or non-2xx) in these runs.")
+    if data["exhausted"]:
+        lines.append("**A run ran out of distinct URLs** before its time was up: raise `--pages`.")
+    return [*lines, ""]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    s = results["settings"]
+    lines = [
+        "# phizer bench: latest results",
+        "",
+        f"Run {results['started']} with `{results['command']}` ({results['elapsed_s']:.0f} s).",
+        "",
+        f"Machine: {m['cpu_model']}, {m['cores']} cores (AVX2: {m['cpu_avx2']}), {m['memory_gib']} GiB, {m['os']}, "
+        f"Python {m['python']}; pillow-simd {m['pillow_simd_version']} built with AVX2: {m['pillow_simd_avx2']}. "
+        f"Both sides pinned to CPUs {s['cpus']} with {s['instances']} processes each (phizer: gunicorn+gevent "
+        f"instances behind nginx; thumbor {s['thumbor_version']}: single-process servers behind nginx, "
+        f"least_conn); wrk shares the same cores. {s['rounds']} rounds of {s['duration_s']:g} s per side, "
+        f"{s['connections']} connections, sides alternating. Load average (1/5/15 min) at start "
+        f"{m['load_average_at_start']}, at end {m.get('load_average_at_end')}: anything above 0 is other work "
+        "sharing these cores.",
+        "",
+        "## Targets (medians of the per-round ratios)",
+        "",
+        "| target | required | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for row in targets(results):
+        met = {True: "yes", False: "**no**", None: "n/a"}[row["met"]]
+        lines.append(f"| {row['target']} | {row['required']} | {row['measured']} | {met} |")
+    lines.append("")
+    formats = results.get("formats", {})
+    if formats.get("failures"):
+        lines += ["**Renditions that failed in the check pass:**", ""]
+        lines += [f"- {f}" for f in formats["failures"]] + [""]
+    if "b1" in results:
+        b1 = results["b1"]
+        lines += _paired_section(
+            "B1 cache hit vs nginx static",
+            b1,
+            "static",
+            f"`{b1['url']}` ({b1['bytes']} bytes, X-Cache-Status {b1['cache_statuses'][-1]}) through phizer's "
+            f"nginx vs the same bytes as a file from nginx; {b1['connections']} connections.",
+        )
+    if "b2" in results:
+        lines += _paired_section(
+            "B2 page mix, all misses",
+            results["b2"],
+            "thumbor",
+            f"Every corpus image at every preset ({', '.join(results['b2']['presets'])}), shuffled page by page, "
+            "each URL once; thumbor with the file loader over the same folder, original storage on, no result "
+            "storage; both asked for the same output format.",
+        )
+    if "b3" in results:
+        lines += _paired_section(
+            "B3 single-preset misses",
+            results["b3"],
+            "thumbor",
+            f"Distinct originals, each once, at preset `{results['b3']['preset']}`.",
+        )
+    if "b4" in results:
+        b4 = results["b4"]
+        lines += [
+            "## B4 cold page from S3 behind a 200 ms proxy",
+            "",
+            f"{b4['page_size']} distinct originals (moto_server S3, every GET delayed {b4['delay_s'] * 1000:.0f} ms), "
+            f"fetched at once with {b4['concurrency']} connections (an HTTP/2 browser's page load). Model: "
+            f"{b4['delay_s'] * 1000:.0f} ms + {b4['cpu_seconds'] * 1000:.0f} ms CPU / {b4['cores']} cores = "
+            f"**{b4['model_s'] * 1000:.0f} ms**. The originals alone through the proxy (40 parallel GETs, no "
+            f"resizing): {b4['origin_only_page_s'] * 1000:.0f} ms.",
+            "",
+            "| round | page ms | slowest request ms | page / model | not cold misses |",
+            "|---|---|---|---|---|",
+        ]
+        for r in b4["rounds"]:
+            lines.append(
+                f"| {r['round']} | {r['page_s'] * 1000:.0f} | {r['slowest_s'] * 1000:.0f} | {r['ratio']} | "
+                f"{r['not_cold_misses']} |"
+            )
+        lines += ["", f"Median page / model: **{b4['median_ratio']}x**.", ""]
+    if "b5" in results:
+        lines += [
+            "## B5 stack overhead",
+            "",
+            "Sequential misses (one connection, new original each time, read from the file origin and stored in "
+            "memcached) through nginx and an instance, vs `Pipeline.render` called in-process on the same bytes; "
+            "medians.",
+            "",
+            "| image | preset | round | stack ms | in-process ms | overhead |",
+            "|---|---|---|---|---|---|",
+        ]
+        for case in results["b5"]["cases"]:
+            for r in case["rounds"]:
+                lines.append(
+                    f"| {case['image']} | {case['preset']} | {r['round']} | {r['stack_ms']} | {r['in_process_ms']} "
+                    f"| {r['overhead'] * 100:.1f}% |"
+                )
+        lines += [""]
+        for case in results["b5"]["cases"]:
+            lines.append(f"- {case['image']} at {case['preset']}: median overhead {case['median_overhead'] * 100:.1f}%")
+        lines += [""]
+    if "b6" in results:
+        b6 = results["b6"]
+        presets = b6["presets"]
+        lines += [
+            "## B6 CPU time per miss vs megapixels",
+            "",
+            f"In-process CPU time (best of 3) of one render of `{b6['source']}` re-encoded at each size (baseline "
+            "JPEG q90), then of the corpus JPEGs. Chart: latest.png.",
+            "",
+            "| megapixels | " + " | ".join(f"{p} CPU ms" for p in presets) + " |",
+            "|---|" + "---|" * len(presets),
+        ]
+        for point in b6["series"]:
+            lines.append(f"| {point['megapixels']} | " + " | ".join(str(point[p]) for p in presets) + " |")
+        lines += [
+            "",
+            f"Pixels grow {b6['pixel_growth']}x over the series; CPU time grows "
+            + ", ".join(f"{b6['cpu_growth'][p]}x ({p})" for p in presets)
+            + ".",
+            "",
+            "| corpus image | megapixels | " + " | ".join(f"{p} CPU ms" for p in presets) + " |",
+            "|---|---|" + "---|" * len(presets),
+        ]
+        for point in b6["corpus"]:
+            lines.append(
+                f"| {point['image']} | {point['megapixels']} | " + " | ".join(str(point[p]) for p in presets) + " |"
+            )
+        lines += [""]
+    if "memory" in results:
+        mem = results["memory"]
+        lines += ["## Memory after the run", "", "| process | RSS MB |", "|---|---|"]
+        for inst in mem["instances"]:
+            lines.append(f"| phizer {inst['name']} (master + worker) | {inst['rss_mb']} |")
+        lines.append(f"| memcached | {mem['memcached_rss_mb']} |")
+        lines.append(f"| phizer's nginx (all processes) | {mem['nginx_rss_mb']} |")
+        for i, rss in enumerate(mem["thumbor_rss_mb"]):
+            lines.append(f"| thumbor-{i} | {rss} |")
+        lines += [""]
+    if results.get("chart"):
+        lines += ["![charts](latest.png)", ""]
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any], folder: Path) -> None:
+    """latest.json, latest.png (if the thumbor venv's matplotlib can draw it) and latest.md."""
+    folder.mkdir(parents=True, exist_ok=True)
+    results["targets"] = targets(results)
+    (folder / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
+    chart = subprocess.run(
+        [str(THUMBOR_PYTHON), str(CHART), str(folder / "latest.json"), str(folder / "latest.png")],
+        capture_output=True,
+        text=True,
+    )
+    results["chart"] = chart.returncode == 0
+    if not results["chart"]:
+        print(f"chart not drawn: {chart.stderr.strip()[-500:]}", flush=True)
+    (folder / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
+    (folder / "latest.md").write_text(markdown(results))

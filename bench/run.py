@@ -1,0 +1,115 @@
+"""``make bench``: phizer against thumbor and nginx on this machine; writes bench/results/latest.{md,json,png}.
+
+Starts the real stack (service.launcher.Stack: nginx, memcached, one gunicorn+gevent instance per core) and
+the peers (bench.peer: thumbor behind nginx, nginx static), pins both to the same cores, then runs the
+scenarios of issue 5. Runtime files go to state/bench/ (git-ignored); the pool of originals there is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report, scenarios, system
+from bench.corpus import Originals
+from bench.peer import THUMBOR_PYTHON, Peers
+from service.config import REPO_ROOT, load_config
+from service.launcher import Stack
+from service.procs import free_port
+
+STATE = REPO_ROOT / "state" / "bench"
+RESULTS = REPO_ROOT / "bench" / "results"
+SCENARIOS = ("b1", "b2", "b3", "b4", "b5", "b6")
+
+
+def _thumbor_version() -> str:
+    out = subprocess.run(
+        [str(THUMBOR_PYTHON), "-c", "import importlib.metadata as m; print(m.version('thumbor'))"],
+        capture_output=True, text=True, check=True,
+    )
+    return out.stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per paired scenario (default 3)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per side per round (default 10)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections for B2/B3 (default 16)")
+    parser.add_argument("--pages", type=int, default=80,
+                        help="distinct copies of the corpus in the pool (default 80, ~1.8 GB under state/bench)")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated subset, e.g. b2,b3")
+    parser.add_argument("--results", default=str(RESULTS), help="folder for latest.md/json/png")
+    args = parser.parse_args(argv)
+    wanted = {s.strip().lower() for s in args.only.split(",") if s.strip()}
+    if wanted - set(SCENARIOS):
+        parser.error(f"unknown scenarios: {', '.join(sorted(wanted - set(SCENARIOS)))}")
+    if not THUMBOR_PYTHON.exists():
+        parser.error(f"{THUMBOR_PYTHON} is missing: run `make bench` (it installs thumbor there)")
+
+    started = time.monotonic()
+    cpus = os.sched_getaffinity(0)
+    results: dict[str, Any] = {
+        "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "make bench" if argv is None and len(sys.argv) == 1 else "python -m bench.run "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": system.describe_machine(),
+        "settings": {
+            "rounds": args.rounds, "duration_s": args.duration, "connections": args.connections,
+            "pages": args.pages, "cpus": sorted(cpus), "instances": len(cpus),
+            "thumbor_version": _thumbor_version(),
+        },
+    }
+    print(f"bench: preparing {args.pages} copies of the corpus under {STATE / 'originals'}", flush=True)
+    originals = Originals(STATE / "originals", args.pages)
+    for old in ("stack", "b4-stack", "peer"):  # caches of an earlier run would turn misses into hits
+        shutil.rmtree(STATE / old, ignore_errors=True)
+
+    if wanted & {"b1", "b2", "b3", "b5"}:
+        env = {"PHIZER_ORIGINS": f"file://{originals.root}"}
+        with (
+            Stack(STATE / "stack", port=free_port(), instances=len(cpus), env=env, memcached_mb=1024) as stack,
+            Peers(STATE / "peer", originals.root, STATE / "static", len(cpus), stack.config.encoding, cpus) as peers,
+        ):
+            for proc in [stack.nginx, stack.memcached, *stack.instances]:
+                if proc is not None:
+                    system.pin(proc.pid, cpus)
+            bench = scenarios.Bench(stack.config, stack, peers, originals, cpus, args.rounds, args.duration,
+                                    args.connections)
+            print("bench: checking every image at every preset on both sides", flush=True)
+            results["formats"] = scenarios.check_formats(bench)
+            for name, run in (
+                ("b1", lambda: scenarios.b1_cache_hit(bench, STATE / "static")),
+                ("b2", lambda: scenarios.b2_page_mix(bench)),
+                ("b3", lambda: scenarios.b3_single_preset(bench)),
+                ("b5", lambda: scenarios.b5_overhead(bench)),
+            ):
+                if name in wanted:
+                    print(f"bench: {name}", flush=True)
+                    results[name] = run()
+            results["memory"] = scenarios.memory(stack, peers)
+            if stack.restarts or stack.failure:
+                results["stack_incidents"] = {"restarts": stack.restarts, "failure": stack.failure}
+    config = load_config(environ={**os.environ, "PHIZER_ORIGINS": f"file://{originals.root}"})
+    if "b4" in wanted:
+        print("bench: b4", flush=True)
+        results["b4"] = scenarios.b4_cold_page(config, originals, cpus, args.rounds, STATE)
+    if "b6" in wanted:
+        print("bench: b6", flush=True)
+        results["b6"] = scenarios.b6_scaling(config, originals, STATE)
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report.write(results, Path(args.results))
+    print((Path(args.results) / "latest.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
