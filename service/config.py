@@ -41,6 +41,9 @@ class Limits:
     origin_read_timeout: float = 10.0  # seconds per read on HTTP/S3 origins
     origin_total_timeout: float = 30.0  # seconds for a whole body, so a dripping origin cannot hold a request
     memcached_timeout: float = 0.25  # seconds; a hung memcached costs at most this per request
+    # Bytes of reduced decodes kept per instance (nginx pins an original's presets to one instance, so its
+    # other presets render from the kept one without decoding again); 0 disables.
+    intermediate_cache_bytes: int = 64 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,8 @@ import functools
 import io
 import math
 import struct
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
 
@@ -334,25 +335,105 @@ def animation_frames(im: Image.Image, limits: Limits, encoding: Encoding) -> int
 
 
 @dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where one preset's output comes from in the raw (as stored, unoriented) original."""
+
+    raw_size: tuple[int, int]  # the output size before orientation (axes swapped for orientations 5-8)
+    out_size: tuple[int, int]  # the final, upright output size
+    box: tuple[float, float, float, float]  # the region of the raw original that is kept (cover crops)
+    decode_size: tuple[int, int]  # the size the whole raw original is scaled to on the way
+
+
+def layout(size: tuple[int, int], orientation: int, preset: Preset) -> Layout:
+    """The geometry of ``preset`` for a raw original of ``size`` with EXIF ``orientation``."""
+    width, height = size
+    swap = orientation in SWAPS_AXES
+    out_w, out_h = output_size(*((height, width) if swap else size), preset)
+    raw_size = (out_h, out_w) if swap else (out_w, out_h)
+    box = crop_box(width, height, *raw_size) if preset.fit == "cover" else (0.0, 0.0, width, height)
+    shrink = max(raw_size[0] / (box[2] - box[0]), raw_size[1] / (box[3] - box[1]))
+    return Layout(raw_size, (out_w, out_h), box, (math.ceil(width * shrink), math.ceil(height * shrink)))
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """What the header tells about one original and one preset, before any pixel is decoded."""
 
     image: Image.Image  # opened, not yet decoded
     source_format: str
     orientation: int
-    raw_size: tuple[int, int]  # the output size before orientation (axes swapped for orientations 5-8)
-    out_size: tuple[int, int]  # the final, upright output size
-    box: tuple[float, float, float, float]  # the region of the raw original that is kept (cover crops)
+    layout: Layout
     icc: bytes | None
     exif: Image.Exif
 
 
-class Pipeline:
-    """Renders originals to presets; one per worker, holding the encoder settings and limits."""
+@dataclasses.dataclass(frozen=True)
+class Intermediate:
+    """A decoded original, mode-normalised, shrunk by ``scale`` (draft or reduce) but not yet cropped or resized."""
 
-    def __init__(self, encoding: Encoding, limits: Limits) -> None:
+    image: Image.Image
+    scale: float
+
+    def serves(self, decode_size: tuple[int, int]) -> bool:
+        """Whether a preset needing ``decode_size`` renders from this as well as from a fresh decode."""
+        return self.scale == 1 or (
+            self.image.width >= decode_size[0] * DRAFT_GAP and self.image.height >= decode_size[1] * DRAFT_GAP
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.width * self.image.height * len(self.image.getbands())
+
+
+class IntermediateCache:
+    """A per-instance LRU of intermediates by original digest, bounded in bytes.
+
+    No locking: a gevent worker runs one render at a time (CPU work does not yield), so the dict is never
+    touched concurrently.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[str, Intermediate] = OrderedDict()
+
+    def get(self, digest: str, decode_size: tuple[int, int]) -> Intermediate | None:
+        entry = self._entries.get(digest)
+        if entry is None or not entry.serves(decode_size):
+            self.misses += 1
+            return None
+        self._entries.move_to_end(digest)
+        self.hits += 1
+        return entry
+
+    def put(self, digest: str, entry: Intermediate) -> None:
+        old = self._entries.pop(digest, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        if entry.nbytes > self.max_bytes:
+            return
+        self._entries[digest] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+
+
+class Pipeline:
+    """Renders originals to presets; one per worker, holding the encoder settings, limits and the intermediates.
+
+    ``presets`` (optional) lets an original be decoded once at the size its largest configured preset needs, so
+    all its other presets render from that intermediate; without it, intermediates are sized per request and a
+    bigger request decodes again (and replaces the kept one).
+    """
+
+    def __init__(self, encoding: Encoding, limits: Limits, presets: Iterable[Preset] = ()) -> None:
         self.encoding = encoding
         self.limits = limits
+        self.presets = tuple(presets)
+        self.intermediates = IntermediateCache(limits.intermediate_cache_bytes)
 
     def render(
         self,
@@ -366,40 +447,64 @@ class Pipeline:
         """Render ``data`` (the original, whose content hash is ``digest``) at ``preset``."""
         plan = self.plan(data, preset)
         exif = kept_exif(plan.exif, self.encoding.keep_metadata)
+        out_size = plan.layout.out_size
         if animation_frames(plan.image, self.limits, self.encoding):
             fmt = choose_format(plan.source_format, True, True, preset.format, forced_format, accepts_webp)
             if fmt in ANIMATED_OUTPUTS:
                 body = self.animation(plan, fmt, preset.quality_for(fmt))
-                return Rendition(body, fmt, CONTENT_TYPES[fmt], *plan.out_size)
-        im = self.still(plan)
+                return Rendition(body, fmt, CONTENT_TYPES[fmt], *out_size)
+        im = self.still(plan, digest)
         fmt = choose_format(plan.source_format, has_transparency(im), False, preset.format, forced_format, accepts_webp)
         im = flatten(im, fmt, self.encoding.background)
         body = encode(im, fmt, preset.quality_for(fmt), self.encoding, exif)
-        return Rendition(body, fmt, CONTENT_TYPES[fmt], *plan.out_size)
+        return Rendition(body, fmt, CONTENT_TYPES[fmt], *out_size)
 
     def plan(self, data: bytes, preset: Preset) -> Plan:
         """Open the original (header only, limits checked) and work out the geometry for ``preset``."""
         im = open_image(data, self.limits)
         exif = header_exif(im)
         orientation = exif_orientation(exif)
-        swap = orientation in SWAPS_AXES
-        out_w, out_h = output_size(*((im.height, im.width) if swap else im.size), preset)
-        raw_size = (out_h, out_w) if swap else (out_w, out_h)
-        box = crop_box(im.width, im.height, *raw_size) if preset.fit == "cover" else (0.0, 0.0, im.width, im.height)
         icc = im.info.get("icc_profile")
-        return Plan(im, SOURCE_FORMATS[im.format or ""], orientation, raw_size, (out_w, out_h), box, icc, exif)
+        return Plan(im, SOURCE_FORMATS[im.format or ""], orientation, layout(im.size, orientation, preset), icc, exif)
 
-    def still(self, plan: Plan) -> Image.Image:
-        """Decode (shrinking on load), resize, orient and convert to sRGB: the image ready to flatten and encode."""
-        left, top, right, bottom = plan.box
-        shrink = max(plan.raw_size[0] / (right - left), plan.raw_size[1] / (bottom - top))
-        width, height = plan.image.size
-        im, scale = load(plan.image, (math.ceil(width * shrink), math.ceil(height * shrink)))
-        im = normalise_mode(im)
+    def still(self, plan: Plan, digest: str | None = None) -> Image.Image:
+        """Decode (or reuse an intermediate), resize, orient and convert to sRGB: ready to flatten and encode."""
+        intermediate = self.intermediate(plan, digest)
+        scale = intermediate.scale
+        left, top, right, bottom = plan.layout.box
+        box = (left / scale, top / scale, right / scale, bottom / scale)
         with decoding():
-            im = resize(im, plan.raw_size, (left / scale, top / scale, right / scale, bottom / scale))
+            im = resize(intermediate.image, plan.layout.raw_size, box)
         im = orient(im, plan.orientation)
         return to_srgb(im, plan.icc)
+
+    def intermediate(self, plan: Plan, digest: str | None) -> Intermediate:
+        """The decoded original at the size this preset (or, with ``presets``, the largest preset) needs.
+
+        With a ``digest`` and a non-zero cache size, the result is kept for the original's next presets.
+        """
+        cache = self.intermediates if digest is not None and self.intermediates.max_bytes > 0 else None
+        if cache is not None and digest is not None:
+            kept = cache.get(digest, plan.layout.decode_size)
+            if kept is not None:
+                return kept
+        sizes = [layout(plan.image.size, plan.orientation, p).decode_size for p in self.presets]
+        sizes.append(plan.layout.decode_size)
+        target = (max(w for w, _ in sizes), max(h for _, h in sizes))
+        im, scale = load(plan.image, target)
+        im = normalise_mode(im)
+        if cache is None or digest is None:
+            return Intermediate(im, scale)
+        # Without draft (PNG, WebP), keep a reduced image: smaller, and what resize() would reduce to anyway.
+        # Otherwise copy: a decoded ImageFile still holds the original's bytes, which must not be kept as well.
+        factor = int(min(im.width / (target[0] * DRAFT_GAP), im.height / (target[1] * DRAFT_GAP)))
+        if scale == 1 and factor >= 2:
+            im, scale = im.reduce(factor), float(factor)
+        else:
+            im = im.copy()
+        intermediate = Intermediate(im, scale)
+        cache.put(digest, intermediate)
+        return intermediate
 
     def animation(self, plan: Plan, fmt: str, quality: int) -> bytes:
         """Resize every frame (GIF/WebP give each frame fully composited), keeping durations and loop count."""
@@ -407,10 +512,10 @@ class Pipeline:
         with decoding():
             for frame in ImageSequence.Iterator(plan.image):
                 durations.append(frame.info.get("duration", 100))
-                still = resize(frame.convert("RGBA"), plan.raw_size, plan.box)
+                still = resize(frame.convert("RGBA"), plan.layout.raw_size, plan.layout.box)
                 frames.append(to_srgb(orient(still, plan.orientation), plan.icc))
         out = io.BytesIO()
-        options = save_options(fmt, quality, plan.out_size[0] * plan.out_size[1], self.encoding)
+        options = save_options(fmt, quality, plan.layout.out_size[0] * plan.layout.out_size[1], self.encoding)
         if fmt == "gif":
             options["disposal"] = 2  # every frame is complete: clear before drawing the next
         frames[0].save(

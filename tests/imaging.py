@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import math
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageChops, ImageCms, ImageStat
 
 from service.config import load_config
-from service.pipeline import SRGB
+from service.pipeline import SRGB, Pipeline, Rendition
+from service.presets import Preset
 
 DEFAULT_CONFIG = load_config(environ={})
 
@@ -44,6 +47,12 @@ def corpus_files(corpus: Path) -> list[CorpusFile]:
         orientation = int(details.get("exif_orientation", 1))
         files.append(CorpusFile(corpus / row["file"], int(row["width"]), int(row["height"]), orientation))
     return files
+
+
+def render(pipeline: Pipeline, data: bytes, preset: Preset, **options: Any) -> Rendition:
+    """``pipeline.render`` with the original's real content hash, as the app passes it (intermediates are kept
+    per digest, so a made-up digest shared by different images would be a test bug)."""
+    return pipeline.render(data, hashlib.sha256(data).hexdigest(), preset, **options)
 
 
 def decode(body: bytes) -> Image.Image:

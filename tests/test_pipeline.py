@@ -16,9 +16,9 @@ from PIL import ExifTags, Image, features
 
 from service.config import Encoding, Limits
 from service.errors import TooLarge, Unprocessable, UnsupportedMedia
-from service.pipeline import Pipeline, choose_format, output_size, varies_on_accept
+from service.pipeline import Intermediate, IntermediateCache, Pipeline, choose_format, output_size, varies_on_accept
 from service.presets import Preset
-from tests.imaging import DEFAULT_CONFIG, corpus_files, decode
+from tests.imaging import DEFAULT_CONFIG, corpus_files, decode, render
 
 PIPELINE = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
 SMALL = DEFAULT_CONFIG.presets["small"]
@@ -71,7 +71,7 @@ def test_golden_geometry_format_and_mode(corpus: Path, webp: bool) -> None:
         if webp:
             fmt, mode = "webp", webp_mode
         for preset in DEFAULT_CONFIG.presets.values():
-            rendition = PIPELINE.render(data, "digest", preset, accepts_webp=webp)
+            rendition = render(PIPELINE, data, preset, accepts_webp=webp)
             out = decode(rendition.body)
             size = output_size(*item.upright, preset)
             where = (item.path.name, preset.name, webp)
@@ -110,21 +110,21 @@ def test_only_auto_without_a_forced_format_varies_on_accept() -> None:
 
 def test_forced_format_and_source_format(corpus: Path) -> None:
     data = (corpus / "05_storm_2.5mp_baseline.jpg").read_bytes()
-    assert PIPELINE.render(data, "d", SMALL, accepts_webp=True, forced_format="png").format == "png"
-    gif = PIPELINE.render(data, "d", SMALL, forced_format="gif")
+    assert render(PIPELINE, data, SMALL, accepts_webp=True, forced_format="png").format == "png"
+    gif = render(PIPELINE, data, SMALL, forced_format="gif")
     assert decode(gif.body).format == "GIF"
     webp = (corpus / "13_onestandsout.webp").read_bytes()
-    assert PIPELINE.render(webp, "d", dataclasses.replace(SMALL, format="source")).format == "webp"
+    assert render(PIPELINE, webp, dataclasses.replace(SMALL, format="source")).format == "webp"
 
 
 def test_jpeg_encoding_progressive_above_threshold_quality_per_format(corpus: Path) -> None:
     data = (corpus / "05_storm_2.5mp_baseline.jpg").read_bytes()
     preset = Preset("p", 400, quality=90, quality_by_format={"jpeg": 30})
-    low = PIPELINE.render(data, "d", preset)
-    high = PIPELINE.render(data, "d", dataclasses.replace(preset, quality_by_format={}))
+    low = render(PIPELINE, data, preset)
+    high = render(PIPELINE, data, dataclasses.replace(preset, quality_by_format={}))
     assert len(low.body) < len(high.body) / 2  # the per-format quality won
     assert decode(high.body).info.get("progressive")  # 400x267 is above the default 100k pixels
-    tiny = PIPELINE.render(data, "d", Preset("t", 100))
+    tiny = render(PIPELINE, data, Preset("t", 100))
     assert not decode(tiny.body).info.get("progressive")
 
 
@@ -134,10 +134,10 @@ def test_metadata_stripped_except_what_config_keeps(tmp_path: Path) -> None:
     exif[ExifTags.Base.Make] = "Secret Camera"
     exif[ExifTags.Base.Orientation] = 3
     data = save(Image.new("RGB", (200, 100), "teal"), "JPEG", exif=exif.tobytes())
-    stripped = decode(PIPELINE.render(data, "d", SMALL).body)
+    stripped = decode(render(PIPELINE, data, SMALL).body)
     assert len(stripped.getexif()) == 0 and "icc_profile" not in stripped.info
     keeping = Pipeline(Encoding(keep_metadata=("copyright", "orientation")), Limits())
-    kept = decode(keeping.render(data, "d", SMALL).body).getexif()
+    kept = decode(render(keeping, data, SMALL).body).getexif()
     assert dict(kept) == {ExifTags.Base.Copyright: "(c) phizer tests"}
 
 
@@ -154,27 +154,27 @@ def soft_disc(size: int = 200) -> Image.Image:
 
 
 def test_alpha_kept_for_png_and_flattened_on_white_for_jpeg(corpus: Path) -> None:
-    kite = PIPELINE.render((corpus / "12_kite_alpha.png").read_bytes(), "d", SMALL)
+    kite = render(PIPELINE, (corpus / "12_kite_alpha.png").read_bytes(), SMALL)
     out = decode(kite.body)
     assert kite.format == "png" and out.mode == "RGBA" and out.getchannel("A").getextrema()[0] < 255
 
     data = save(soft_disc(), "PNG")
-    as_png = decode(PIPELINE.render(data, "d", Preset("p", 100)).body)
+    as_png = decode(render(PIPELINE, data, Preset("p", 100)).body)
     assert as_png.mode == "RGBA" and as_png.getpixel((0, 0))[3] == 0 and as_png.getpixel((50, 50))[3] == 255
-    as_jpeg = decode(PIPELINE.render(data, "d", Preset("p", 100), forced_format="jpeg").body)
+    as_jpeg = decode(render(PIPELINE, data, Preset("p", 100), forced_format="jpeg").body)
     assert as_jpeg.mode == "RGB"
     # Red and white both have R=255: any dark fringe (alpha flattened on black) pulls R down.
     red_min = as_jpeg.getchannel("R").getextrema()[0]
     assert red_min > 230, f"dark fringe: min R {red_min}"
     assert min(as_jpeg.getpixel((0, 0))) > 245  # the background is white
     green = Pipeline(dataclasses.replace(DEFAULT_CONFIG.encoding, background="#00ff00"), DEFAULT_CONFIG.limits)
-    corner = decode(green.render(data, "d", Preset("p", 100), forced_format="jpeg").body).getpixel((0, 0))
+    corner = decode(render(green, data, Preset("p", 100), forced_format="jpeg").body).getpixel((0, 0))
     assert corner[0] < 10 and corner[1] > 245
 
 
 def test_opaque_alpha_channel_is_dropped() -> None:
     data = save(Image.new("RGBA", (300, 200), (10, 20, 30, 255)), "PNG")
-    rendition = PIPELINE.render(data, "d", SMALL)
+    rendition = render(PIPELINE, data, SMALL)
     assert rendition.format == "jpeg" and decode(rendition.body).mode == "RGB"
 
 
@@ -194,7 +194,7 @@ def test_animation_keeps_frames_durations_and_loop(corpus: Path) -> None:
     assert len(durations) == 12
     data = (corpus / "14_sunset_anim.gif").read_bytes()
     for webp in (False, True):
-        out = decode(PIPELINE.render(data, "d", SMALL, accepts_webp=webp).body)
+        out = decode(render(PIPELINE, data, SMALL, accepts_webp=webp).body)
         assert out.n_frames == 12 and out.size == (320, 213)
         assert frame_durations(out) == durations, webp
         assert out.info.get("loop") == source.info.get("loop")
@@ -212,7 +212,7 @@ def test_animation_keeps_frames_durations_and_loop(corpus: Path) -> None:
 def test_animation_over_limits_is_a_still(corpus: Path, encoding: Encoding, limits: Limits) -> None:
     data = (corpus / "14_sunset_anim.gif").read_bytes()
     for webp in (False, True):
-        out = decode(Pipeline(encoding, limits).render(data, "d", SMALL, accepts_webp=webp).body)
+        out = decode(render(Pipeline(encoding, limits), data, SMALL, accepts_webp=webp).body)
         assert getattr(out, "n_frames", 1) == 1 and out.size == (320, 213)
         assert out.format == ("WEBP" if webp else "JPEG")
 
@@ -265,11 +265,54 @@ def corrupt_png() -> bytes:
 )
 def test_bad_input_maps_to_the_right_error(corpus: Path, make, error: type) -> None:
     with pytest.raises(error) as raised:
-        PIPELINE.render(make(corpus), "d", SMALL)
+        render(PIPELINE, make(corpus), SMALL)
     assert raised.value.reason and "\n" not in raised.value.reason
 
 
 def test_pixel_limit_is_checked_from_the_header(corpus: Path) -> None:
     strict = Pipeline(DEFAULT_CONFIG.encoding, Limits(max_pixels=720 * 480 - 1))
     with pytest.raises(TooLarge):
-        strict.render((corpus / "16_storm_720_30k.jpg").read_bytes(), "d", SMALL)
+        render(strict, (corpus / "16_storm_720_30k.jpg").read_bytes(), SMALL)
+
+
+def test_intermediate_cache_is_an_lru_bounded_in_bytes() -> None:
+    cache = IntermediateCache(max_bytes=3 * 100 * 100 * 3)
+
+    def entry(size: int = 100) -> Intermediate:
+        return Intermediate(Image.new("RGB", (size, size)), 1.0)
+
+    for name in "abc":
+        cache.put(name, entry())
+    assert cache.get("a", (10, 10)) is not None  # a is now the most recently used
+    cache.put("d", entry())
+    assert cache.get("b", (10, 10)) is None  # b was the least recently used
+    assert all(cache.get(name, (10, 10)) for name in "acd")
+    assert cache.nbytes == 3 * 100 * 100 * 3
+    cache.put("huge", entry(1000))
+    assert cache.get("huge", (10, 10)) is None and cache.nbytes <= cache.max_bytes
+
+
+def test_intermediate_serves_only_presets_it_is_big_enough_for() -> None:
+    drafted = Intermediate(Image.new("RGB", (400, 300)), 4.0)
+    assert drafted.serves((200, 150)) and not drafted.serves((400, 300))
+    assert Intermediate(Image.new("RGB", (400, 300)), 1.0).serves((4000, 3000))  # full resolution serves all
+
+
+def test_other_presets_of_an_original_render_from_its_intermediate(corpus: Path) -> None:
+    data = (corpus / "01_kleiber_20mp_baseline.jpg").read_bytes()
+    presets = DEFAULT_CONFIG.presets
+    sized = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits, presets.values())
+    for name in ("thumb", "large", "small", "medium"):
+        assert render(sized, data, presets[name]).width == output_size(6028, 3391, presets[name])[0]
+    assert (sized.intermediates.misses, sized.intermediates.hits) == (1, 3)  # one decode, sized for "large"
+
+    per_request = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
+    for name in ("thumb", "small", "large", "medium", "thumb"):
+        render(per_request, data, presets[name])
+    # thumb decodes small; small fits in it; large needs a bigger decode, which then serves the rest.
+    assert (per_request.intermediates.misses, per_request.intermediates.hits) == (2, 3)
+
+    off = Pipeline(DEFAULT_CONFIG.encoding, dataclasses.replace(DEFAULT_CONFIG.limits, intermediate_cache_bytes=0))
+    render(off, data, presets["small"])
+    render(off, data, presets["small"])
+    assert off.intermediates.nbytes == 0 and off.intermediates.hits == 0
