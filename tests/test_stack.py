@@ -1,0 +1,219 @@
+"""The whole stack as users reach it: nginx (rendered from nginx/nginx.conf.j2) in front of real gunicorn
+instances, a real memcached, and originals in a real S3 server (moto) behind a proxy that counts GETs.
+
+Two stacks share one module: A (supervised: dead instances come back) and B, a second "host" that uses A's
+memcached and is left unsupervised so a test can take all its instances down (that test runs last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from service.launcher import Stack
+from service.procs import free_port
+from tests.support import AWS_ENV, CountingProxy, s3_client
+
+BUCKET = "stack"
+PRESETS = ("thumb", "small", "medium", "large")
+WEBP = "image/avif,image/webp,*/*"
+JPEG = "image/jpeg,image/png,*/*;q=0.8"
+
+
+@pytest.fixture(scope="module")
+def origin(corpus: Path, s3_endpoint: str) -> Iterator[CountingProxy]:
+    """S3 (moto) holding small photos under many keys and one bigger photo, behind a GET-counting proxy."""
+    client = s3_client(s3_endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    small = (corpus / "16_storm_720_30k.jpg").read_bytes()
+    big = (corpus / "05_storm_2.5mp_baseline.jpg").read_bytes()
+    keys = ["hit.jpg", "shared.jpg", "format.jpg", "down.jpg"]
+    keys += [f"spread-{i:02d}.jpg" for i in range(24)] + [f"load-{i:03d}.jpg" for i in range(100)]
+    for key in keys:
+        client.put_object(Bucket=BUCKET, Key=key, Body=small)
+    client.put_object(Bucket=BUCKET, Key="burst.jpg", Body=big)
+    proxy = CountingProxy(upstream=s3_endpoint)
+    yield proxy
+    proxy.close()
+
+
+def origin_gets(origin: CountingProxy, key: str) -> int:
+    return origin.gets[f"/{BUCKET}/{key}"]
+
+
+def stack_env(origin: CountingProxy) -> dict[str, str]:
+    return {**AWS_ENV, "AWS_ENDPOINT_URL": origin.url, "PHIZER_ORIGINS": f"s3://{BUCKET}"}
+
+
+@pytest.fixture(scope="module")
+def stack(origin: CountingProxy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with Stack(tmp_path_factory.mktemp("stack-a"), port=free_port(), instances=2, env=stack_env(origin)) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def stack_b(stack: Stack, origin: CountingProxy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A second host: its own nginx and instances, A's memcached, no supervision."""
+    state = tmp_path_factory.mktemp("stack-b")
+    with Stack(
+        state, free_port(), 2, memcached=stack.memcached_servers, env=stack_env(origin), supervise=False
+    ) as started:
+        yield started
+
+
+def get(stack: Stack, path: str, accept: str | None = None) -> requests.Response:
+    return requests.get(stack.url + path, headers={"Accept": accept or ""}, timeout=30)
+
+
+def upstream_requests(stack: Stack, path: str) -> int:
+    """How many requests for ``path`` nginx passed to an instance (its access log names the upstream)."""
+    time.sleep(0.2)  # nginx logs a request just after its last byte is sent, so a client can be faster
+    lines = stack.access_log.read_text().splitlines()
+    return sum(1 for line in lines if f'"GET {path} ' in line and " upstream=-" not in line)
+
+
+def test_second_request_is_a_hit_that_reaches_no_instance(stack: Stack, origin: CountingProxy) -> None:
+    first, second = get(stack, "/small/hit.jpg"), get(stack, "/small/hit.jpg")
+    assert (first.status_code, first.headers["X-Cache-Status"]) == (200, "MISS")
+    assert (second.status_code, second.headers["X-Cache-Status"]) == (200, "HIT")
+    assert second.content == first.content
+    assert upstream_requests(stack, "/small/hit.jpg") == 1
+    assert origin_gets(origin, "hit.jpg") == 1
+
+
+def test_every_preset_of_a_key_is_served_by_one_instance(stack: Stack) -> None:
+    """Hashing on the key (not the whole path) keeps an original on one instance; keys still spread."""
+    owner: dict[str, str] = {}
+    for i in range(24):
+        key = f"spread-{i:02d}.jpg"
+        served_by = {get(stack, f"/{preset}/{key}").headers["X-Phizer-Instance"] for preset in PRESETS}
+        assert len(served_by) == 1, f"{key} rendered by {served_by}"
+        owner[key] = served_by.pop()
+    assert set(owner.values()) == {"app-0", "app-1"}
+
+
+def test_burst_of_misses_makes_one_upstream_request(stack: Stack, origin: CountingProxy) -> None:
+    barrier = threading.Barrier(20)
+
+    def fetch(_: int) -> requests.Response:
+        barrier.wait()
+        return get(stack, "/large/burst.jpg")
+
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(fetch, range(20)))
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.content for r in responses}) == 1
+    assert upstream_requests(stack, "/large/burst.jpg") == 1
+    assert origin_gets(origin, "burst.jpg") == 1
+
+
+def test_missing_key_reaches_the_origin_once_per_404_lifetime(stack: Stack, origin: CountingProxy) -> None:
+    responses = [get(stack, "/small/no-such-photo.jpg") for _ in range(50)]
+    assert {r.status_code for r in responses} == {404}
+    assert "no-such-photo.jpg" in responses[0].text
+    assert responses[-1].headers["X-Cache-Status"] == "HIT"
+    assert origin_gets(origin, "no-such-photo.jpg") <= 2
+
+
+def test_accept_is_normalised_to_one_format_token(stack: Stack) -> None:
+    """Two cache entries per URL (WebP or not), whatever the exact Accept header; never one per header."""
+    path = "/small/format.jpg"
+    webp, jpeg = get(stack, path, WEBP), get(stack, path, JPEG)
+    assert (webp.headers["Content-Type"], webp.headers["X-Cache-Status"]) == ("image/webp", "MISS")
+    assert (jpeg.headers["Content-Type"], jpeg.headers["X-Cache-Status"]) == ("image/jpeg", "MISS")
+    for accept, expected in [(WEBP, webp), (JPEG, jpeg), ("text/html, IMAGE/WebP;q=0.5", webp), (None, jpeg)]:
+        again = get(stack, path, accept)
+        assert again.headers["X-Cache-Status"] == "HIT", accept
+        assert (again.headers["Content-Type"], again.content) == (expected.headers["Content-Type"], expected.content)
+    assert upstream_requests(stack, path) == 2
+    for token in ("webp", ""):  # nginx names a cache file by the md5 of its key, levels=1:2
+        digest = hashlib.md5(f"{path}|{token}".encode()).hexdigest()
+        assert (stack.state_dir / "cache" / digest[-1] / digest[-3:-1] / digest).is_file(), token
+
+
+def test_not_a_preset_path_is_a_404_from_nginx(stack: Stack) -> None:
+    for path in ("/", "/nope/hit.jpg", "/small/", "/small", "/favicon.ico"):
+        response = get(stack, path)
+        assert response.status_code == 404, path
+        assert response.text == "not found: expected /<preset>/<key>\n"
+        assert "X-Phizer-Instance" not in response.headers
+    for path in ("/healthz", "/presets.json"):
+        assert get(stack, path).headers["X-Cache-Status"] == "BYPASS"
+        assert get(stack, path).status_code == 200
+    assert set(get(stack, "/presets.json").json()) == set(PRESETS)
+
+
+def test_killed_instance_costs_no_request_and_comes_back(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    urls = iter(f"/{p}/load-{i:03d}.jpg" for i in range(100) for p in PRESETS)
+    lock = threading.Lock()
+    outcomes: list[tuple[float, int]] = []
+
+    def load() -> None:
+        with requests.Session() as session:
+            while True:
+                with lock:
+                    path = next(urls, None)
+                if path is None:
+                    return
+                try:
+                    status = session.get(stack.url + path, timeout=30).status_code
+                except requests.RequestException:
+                    status = 0
+                outcomes.append((time.monotonic(), status))
+
+    victim = stack.instances[0]
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    killed_at = time.monotonic()
+    os.killpg(victim.pid, signal.SIGKILL)  # the instance's master and worker, as a crash would
+    for thread in threads:
+        thread.join(120)
+    failed = [status for _, status in outcomes if status != 200]
+    assert failed == [], (stack.logs / "error.log").read_text()[-3000:]
+    assert sum(1 for t, _ in outcomes if t > killed_at) > 20, "the load ended before the kill"
+
+    deadline = time.monotonic() + 60
+    while not any(old == victim.pid for _, old, _ in stack.restarts) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [name for name, old, _ in stack.restarts if old == victim.pid] == ["app-0"]
+    assert f"app-0 (pid {victim.pid}) exited" in caplog.text
+    # It rejoins: once nginx retries it (fail_timeout), keys that hash to it are rendered there again.
+    deadline, n, served_by = time.monotonic() + 30, 0, ""
+    while served_by != "app-0" and time.monotonic() < deadline:
+        n += 1
+        served_by = get(stack, f"/small/rejoin-{n}.jpg").headers["X-Phizer-Instance"]
+        time.sleep(0.05)
+    assert served_by == "app-0"
+
+
+def test_second_stack_uses_the_first_stacks_memcached(stack: Stack, stack_b: Stack, origin: CountingProxy) -> None:
+    assert stack_b.memcached is None and stack_b.memcached_servers == stack.memcached_servers
+    assert get(stack, "/small/shared.jpg").status_code == 200
+    assert origin_gets(origin, "shared.jpg") == 1
+    on_b = get(stack_b, "/small/shared.jpg")
+    assert (on_b.status_code, on_b.headers["X-Cache-Status"]) == (200, "MISS")  # rendered by B's instance
+    assert origin_gets(origin, "shared.jpg") == 1
+
+
+def test_every_instance_down_cached_still_served_uncached_502(stack_b: Stack) -> None:
+    """Runs last: it leaves stack B without instances."""
+    assert get(stack_b, "/thumb/down.jpg").status_code == 200
+    for instance in stack_b.instances:
+        instance.stop()
+    cached = get(stack_b, "/thumb/down.jpg")
+    assert (cached.status_code, cached.headers["X-Cache-Status"]) == (200, "HIT")
+    started = time.monotonic()
+    uncached = get(stack_b, "/small/down.jpg")
+    assert time.monotonic() - started < 5
+    assert (uncached.status_code, uncached.text) == (502, "no phizer instance answered\n")
