@@ -12,6 +12,7 @@ is a miss (an evicted chunk can never yield a truncated original).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -41,31 +42,26 @@ class MemcachedOriginals:
     def __init__(self, options: MemcachedOptions, timeout: float) -> None:
         self.options = options
         self.timeout = timeout
-        self._client: Any = None
-        self._lock = threading.Lock()
 
-    @property
+    @functools.cached_property
     def client(self) -> Any:
-        """A pooled HashClient, made lazily in the worker (one socket per greenlet, never shared)."""
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    from pymemcache.client.hash import HashClient
+        """A pooled HashClient (one socket per greenlet, never shared), made on first use: in the worker,
+        after gevent has patched sockets. A rare double creation on a first-use race would be harmless."""
+        from pymemcache.client.hash import HashClient
 
-                    servers = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in self.options.servers)]
-                    self._client = HashClient(
-                        servers,
-                        use_pooling=True,
-                        max_pool_size=self.options.pool_size,
-                        connect_timeout=self.timeout,
-                        timeout=self.timeout,
-                        ignore_exc=True,
-                        retry_attempts=1,
-                        retry_timeout=1,
-                        dead_timeout=self.options.dead_timeout,
-                        no_delay=True,
-                    )
-        return self._client
+        servers = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in self.options.servers)]
+        return HashClient(
+            servers,
+            use_pooling=True,
+            max_pool_size=self.options.pool_size,
+            connect_timeout=self.timeout,
+            timeout=self.timeout,
+            ignore_exc=True,
+            retry_attempts=1,
+            retry_timeout=1,
+            dead_timeout=self.options.dead_timeout,
+            no_delay=True,
+        )
 
     def get(self, key: str) -> Original | None:
         head_key = cache_key(key)

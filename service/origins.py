@@ -8,9 +8,9 @@ nothing is cached as missing. Every network call has a timeout and every body a 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -104,22 +104,17 @@ class HttpOrigin:
     def __init__(self, url: str, limits: Limits) -> None:
         self.url = url.rstrip("/")
         self.limits = limits
-        # Created on first use, in the worker, after gevent has patched sockets.
-        self._pool: urllib3.PoolManager | None = None
 
-    @property
+    @functools.cached_property
     def pool(self) -> urllib3.PoolManager:
-        if self._pool is None:
-            self._pool = urllib3.PoolManager(
-                maxsize=64,
-                block=False,
-                retries=False,
-                timeout=urllib3.Timeout(
-                    connect=self.limits.origin_connect_timeout, read=self.limits.origin_read_timeout
-                ),
-                cert_reqs="CERT_REQUIRED",
-            )
-        return self._pool
+        """Connections to the server, made on first use: in the worker, after gevent has patched sockets."""
+        return urllib3.PoolManager(
+            maxsize=64,
+            block=False,
+            retries=False,
+            timeout=urllib3.Timeout(connect=self.limits.origin_connect_timeout, read=self.limits.origin_read_timeout),
+            cert_reqs="CERT_REQUIRED",
+        )
 
     def fetch(self, key: str) -> bytes | None:
         url = f"{self.url}/{urllib.parse.quote(key, safe='/')}"
@@ -169,28 +164,22 @@ class S3Origin:
         self.prefix = parts.path.strip("/")
         self.limits = limits
         self.max_pool_connections = max_pool_connections
-        self._client: Any = None
-        self._lock = threading.Lock()
 
-    @property
+    @functools.cached_property
     def client(self) -> Any:
-        """The boto3 client, made lazily: creating it at import time breaks TLS under gevent (see NOTES.md)."""
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    import boto3
-                    from botocore.config import Config as BotoConfig
+        """The boto3 client, made on first use: created before gevent's patching, TLS breaks (see NOTES.md)."""
+        import boto3
+        from botocore.config import Config as BotoConfig
 
-                    self._client = boto3.session.Session().client(
-                        "s3",
-                        config=BotoConfig(
-                            connect_timeout=self.limits.origin_connect_timeout,
-                            read_timeout=self.limits.origin_read_timeout,
-                            retries={"max_attempts": 2, "mode": "standard"},
-                            max_pool_connections=self.max_pool_connections,
-                        ),
-                    )
-        return self._client
+        return boto3.session.Session().client(
+            "s3",
+            config=BotoConfig(
+                connect_timeout=self.limits.origin_connect_timeout,
+                read_timeout=self.limits.origin_read_timeout,
+                retries={"max_attempts": 2, "mode": "standard"},
+                max_pool_connections=self.max_pool_connections,
+            ),
+        )
 
     def fetch(self, key: str) -> bytes | None:
         from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
