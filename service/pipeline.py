@@ -273,14 +273,12 @@ def has_transparency(im: Image.Image) -> bool:
     return im.mode in ("LA", "RGBA") and im.getchannel("A").getextrema()[0] < 255
 
 
-def flatten(im: Image.Image, fmt: str, background: str) -> Image.Image:
-    """Composite alpha onto ``background`` when the output has no alpha, or when alpha carries nothing."""
-    if im.mode not in ("LA", "RGBA"):
-        return im
-    if fmt in ("png", "webp", "gif") and has_transparency(im):
+def flatten(im: Image.Image, fmt: str, transparent: bool, background: str) -> Image.Image:
+    """Composite alpha onto ``background`` when the output has no alpha; drop an alpha that carries nothing."""
+    if im.mode not in ("LA", "RGBA") or (transparent and fmt in ("png", "webp", "gif")):
         return im
     base_mode = im.mode[:-1]
-    if not has_transparency(im):
+    if not transparent:
         return im.convert(base_mode)
     base = Image.new(base_mode, im.size, ImageColor.getcolor(background, base_mode))
     base.paste(im, mask=im.getchannel("A"))
@@ -454,8 +452,9 @@ class Pipeline:
                 body = self.animation(plan, fmt, preset.quality_for(fmt))
                 return Rendition(body, fmt, CONTENT_TYPES[fmt], *out_size)
         im = self.still(plan, digest)
-        fmt = choose_format(plan.source_format, has_transparency(im), False, preset.format, forced_format, accepts_webp)
-        im = flatten(im, fmt, self.encoding.background)
+        transparent = has_transparency(im)
+        fmt = choose_format(plan.source_format, transparent, False, preset.format, forced_format, accepts_webp)
+        im = flatten(im, fmt, transparent, self.encoding.background)
         body = encode(im, fmt, preset.quality_for(fmt), self.encoding, exif)
         return Rendition(body, fmt, CONTENT_TYPES[fmt], *out_size)
 
@@ -511,8 +510,9 @@ class Pipeline:
         frames, durations = [], []
         with decoding():
             for frame in ImageSequence.Iterator(plan.image):
+                rgba = frame.convert("RGBA")  # loads the frame: only then does WebP fill in its duration
                 durations.append(frame.info.get("duration", 100))
-                still = resize(frame.convert("RGBA"), plan.layout.raw_size, plan.layout.box)
+                still = resize(rgba, plan.layout.raw_size, plan.layout.box)
                 frames.append(to_srgb(orient(still, plan.orientation), plan.icc))
         out = io.BytesIO()
         options = save_options(fmt, quality, plan.layout.out_size[0] * plan.layout.out_size[1], self.encoding)

@@ -200,6 +200,21 @@ def test_animation_keeps_frames_durations_and_loop(corpus: Path) -> None:
         assert out.info.get("loop") == source.info.get("loop")
 
 
+def test_animated_webp_stays_animated(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (400, 200), colour) for colour in ("red", "lime", "blue")]
+    path = tmp_path / "anim.webp"
+    frames[0].save(path, "WEBP", save_all=True, append_images=frames[1:], duration=[50, 100, 150], loop=0)
+    data = path.read_bytes()
+    as_webp = decode(render(PIPELINE, data, Preset("p", 100), accepts_webp=True).body)
+    assert (as_webp.format, as_webp.n_frames, as_webp.size) == ("WEBP", 3, (100, 50))
+    assert frame_durations(as_webp) == [50, 100, 150]
+    as_gif = decode(render(PIPELINE, data, Preset("p", 100)).body)
+    assert (as_gif.format, as_gif.n_frames, frame_durations(as_gif)) == ("GIF", 3, [50, 100, 150])
+    as_gif.seek(1)
+    red, green, blue = as_gif.convert("RGB").getpixel((50, 25))
+    assert red < 15 and green > 240 and blue < 15  # the second frame is the green one (lossy WebP: nearly)
+
+
 @pytest.mark.parametrize(
     ("encoding", "limits"),
     [
