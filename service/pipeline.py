@@ -14,6 +14,9 @@ what happens to every pixel and in which order. Speed is the product, so the ord
   converted to sRGB with littleCMS and then *dropped*: untagged images are sRGB on the web, and dropping saves
   the bytes of a profile in every thumbnail. Grayscale stays grayscale (a gray profile is dropped unconverted).
   CMYK without a profile falls back to Pillow's naive conversion, as there is no CMYK profile to assume.
+- Intermediates: nginx pins every preset of one original to one instance, so each instance keeps a small LRU
+  (``limits.intermediate_cache_bytes``) of decoded, shrunk-on-load originals by digest; given the configured
+  presets, the first request decodes once at the size the largest preset needs and the others resize from it.
 
 Errors: anything that is not a JPEG/PNG/WebP/GIF is ``UnsupportedMedia``; a corrupt or truncated file is
 ``Unprocessable`` (never a half-decoded image); too many pixels, checked from the header before decoding, is
@@ -121,6 +124,27 @@ def crop_box(src_w: float, src_h: float, out_w: int, out_h: int) -> tuple[float,
         w, h = src_w, src_w * out_h / out_w
     left, top = (src_w - w) / 2, (src_h - h) / 2
     return left, top, left + w, top + h
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where one preset's output comes from in the raw (as stored, unoriented) original."""
+
+    raw_size: tuple[int, int]  # the output size before orientation (axes swapped for orientations 5-8)
+    out_size: tuple[int, int]  # the final, upright output size
+    box: tuple[float, float, float, float]  # the region of the raw original that is kept (cover crops)
+    decode_size: tuple[int, int]  # the size the whole raw original is scaled to on the way
+
+
+def layout(size: tuple[int, int], orientation: int, preset: Preset) -> Layout:
+    """The geometry of ``preset`` for a raw original of ``size`` with EXIF ``orientation``."""
+    width, height = size
+    swap = orientation in SWAPS_AXES
+    out_w, out_h = output_size(*((height, width) if swap else size), preset)
+    raw_size = (out_h, out_w) if swap else (out_w, out_h)
+    box = crop_box(width, height, *raw_size) if preset.fit == "cover" else (0.0, 0.0, width, height)
+    shrink = max(raw_size[0] / (box[2] - box[0]), raw_size[1] / (box[3] - box[1]))
+    return Layout(raw_size, (out_w, out_h), box, (math.ceil(width * shrink), math.ceil(height * shrink)))
 
 
 # ------------------------------------------------------------------------------------------------------- format
@@ -330,27 +354,6 @@ def animation_frames(im: Image.Image, limits: Limits, encoding: Encoding) -> int
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where one preset's output comes from in the raw (as stored, unoriented) original."""
-
-    raw_size: tuple[int, int]  # the output size before orientation (axes swapped for orientations 5-8)
-    out_size: tuple[int, int]  # the final, upright output size
-    box: tuple[float, float, float, float]  # the region of the raw original that is kept (cover crops)
-    decode_size: tuple[int, int]  # the size the whole raw original is scaled to on the way
-
-
-def layout(size: tuple[int, int], orientation: int, preset: Preset) -> Layout:
-    """The geometry of ``preset`` for a raw original of ``size`` with EXIF ``orientation``."""
-    width, height = size
-    swap = orientation in SWAPS_AXES
-    out_w, out_h = output_size(*((height, width) if swap else size), preset)
-    raw_size = (out_h, out_w) if swap else (out_w, out_h)
-    box = crop_box(width, height, *raw_size) if preset.fit == "cover" else (0.0, 0.0, width, height)
-    shrink = max(raw_size[0] / (box[2] - box[0]), raw_size[1] / (box[3] - box[1]))
-    return Layout(raw_size, (out_w, out_h), box, (math.ceil(width * shrink), math.ceil(height * shrink)))
 
 
 @dataclasses.dataclass(frozen=True)
