@@ -108,7 +108,7 @@ def create_app(
         if config.memcached.servers:
             cache = MemcachedOriginals(config.memcached, config.limits.memcached_timeout)
         store = OriginalStore(OriginChain([make_origin(url, config) for url in config.origins]), cache)
-    pipeline = pipeline or Pipeline(config.encoding, config.limits)
+    pipeline = pipeline or Pipeline(config.encoding, config.limits, config.presets.values())
 
     app = falcon.App(media_type=falcon.MEDIA_TEXT)
     app.req_options.strip_url_path_trailing_slash = False
