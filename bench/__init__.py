@@ -1,1 +1,1 @@
-"""phizer's benchmarks (issue 5): `make bench` runs bench.run; see bench/README.md."""
+"""phizer's benchmarks against thumbor and nginx (issue 5): `make bench` runs bench.run."""

@@ -47,22 +47,27 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _paired_table(rows: list[dict[str, Any]], peer: str) -> list[str]:
     out = [
-        f"| round | phizer req/s | phizer p50 ms | phizer p99 ms | {peer} req/s | {peer} p50 ms | {peer} p99 ms "
-        "| ratio req/s | ratio p99 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| round | phizer req/s | p50 ms | p99 ms | CPU ms/req | {peer} req/s | p50 ms | p99 ms | CPU ms/req "
+        "| ratio req/s | ratio p99 | CPU per req, peer/phizer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         a, b = r["phizer"], r["peer"]
         out.append(
-            f"| {r['round']} | {a['rps']:.1f} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | {b['rps']:.1f} | "
-            f"{b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {r['ratio']} | {r['p99_ratio']} |"
+            f"| {r['round']} | {a['rps']:.1f} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | {a['cpu_ms_per_request']:.2f} "
+            f"| {b['rps']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {b['cpu_ms_per_request']:.2f} "
+            f"| {r['ratio']} | {r['p99_ratio']} | {r['cpu_ratio']} |"
         )
     return out
 
 
 def _paired_section(title: str, data: dict[str, Any], peer: str, note: str) -> list[str]:
     lines = [f"## {title}", "", note, "", *_paired_table(data["rounds"], peer), ""]
-    lines.append(f"Median ratio (phizer/{peer}): **{data['median_ratio']}x** req/s, {data['median_p99_ratio']}x p99.")
+    lines.append(
+        f"Median ratio (phizer/{peer}): **{data['median_ratio']}x** req/s, {data['median_p99_ratio']}x p99; "
+        f"{peer} spends {data['median_cpu_ratio']}x phizer's CPU time per request (all processes of each side, "
+        "from /proc: the figure least disturbed by other work on the machine)."
+    )
     if data["errors"]:
         lines.append(f"**{data['errors']} failed requests** (socket errors, timeouts or non-2xx) in these runs.")
     if data["exhausted"]:
@@ -82,7 +87,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Python {m['python']}; pillow-simd {m['pillow_simd_version']} built with AVX2: {m['pillow_simd_avx2']}. "
         f"Both sides pinned to CPUs {s['cpus']} with {s['instances']} processes each (phizer: gunicorn+gevent "
         f"instances behind nginx; thumbor {s['thumbor_version']}: single-process servers behind nginx, "
-        f"least_conn); wrk shares the same cores. {s['rounds']} rounds of {s['duration_s']:g} s per side, "
+        f"least_conn); wrk shares the same cores. {s['rounds']} rounds of {s['duration_s']:g} s per side (B1: 5 s), "
         f"{s['connections']} connections, sides alternating. Load average (1/5/15 min) at start "
         f"{m['load_average_at_start']}, at end {m.get('load_average_at_end')}: anything above 0 is other work "
         "sharing these cores.",
@@ -96,6 +101,8 @@ def markdown(results: dict[str, Any]) -> str:
         met = {True: "yes", False: "**no**", None: "n/a"}[row["met"]]
         lines.append(f"| {row['target']} | {row['required']} | {row['measured']} | {met} |")
     lines.append("")
+    for name, reason in results.get("failed", {}).items():
+        lines += [f"**{name.upper()} failed**: {reason}", ""]
     formats = results.get("formats", {})
     if formats.get("failures"):
         lines += ["**Renditions that failed in the check pass:**", ""]
@@ -136,13 +143,13 @@ def markdown(results: dict[str, Any]) -> str:
             f"**{b4['model_s'] * 1000:.0f} ms**. The originals alone through the proxy (40 parallel GETs, no "
             f"resizing): {b4['origin_only_page_s'] * 1000:.0f} ms.",
             "",
-            "| round | page ms | slowest request ms | page / model | not cold misses |",
-            "|---|---|---|---|---|",
+            "| round | page ms | slowest request ms | page / model | not cold misses | CPU s per instance |",
+            "|---|---|---|---|---|---|",
         ]
         for r in b4["rounds"]:
             lines.append(
                 f"| {r['round']} | {r['page_s'] * 1000:.0f} | {r['slowest_s'] * 1000:.0f} | {r['ratio']} | "
-                f"{r['not_cold_misses']} |"
+                f"{r['not_cold_misses']} | {' / '.join(str(x) for x in r['instance_cpu_s'])} |"
             )
         lines += ["", f"Median page / model: **{b4['median_ratio']}x**.", ""]
     if "b5" in results:

@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +40,21 @@ def _thumbor_version() -> str:
     return out.stdout.strip()
 
 
+def _scenario(results: dict[str, Any], name: str, run: Callable[[], dict[str, Any]]) -> None:
+    """Run one scenario; a failure is reported (with its reason) instead of losing the others' figures."""
+    print(f"bench: {name}", flush=True)
+    try:
+        results[name] = run()
+    except Exception as exc:
+        traceback.print_exc()
+        results.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per paired scenario (default 3)")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per side per round (default 10)")
+    parser.add_argument("--duration", type=float, default=20.0,
+                        help="seconds per side per round of B2/B3 (default 20; B1 runs 5)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections for B2/B3 (default 16)")
     parser.add_argument("--pages", type=int, default=80,
                         help="distinct copies of the corpus in the pool (default 80, ~1.8 GB under state/bench)")
@@ -92,18 +105,15 @@ def main(argv: list[str] | None = None) -> int:
                 ("b5", lambda: scenarios.b5_overhead(bench)),
             ):
                 if name in wanted:
-                    print(f"bench: {name}", flush=True)
-                    results[name] = run()
+                    _scenario(results, name, run)
             results["memory"] = scenarios.memory(stack, peers)
             if stack.restarts or stack.failure:
                 results["stack_incidents"] = {"restarts": stack.restarts, "failure": stack.failure}
     config = load_config(environ={**os.environ, "PHIZER_ORIGINS": f"file://{originals.root}"})
     if "b4" in wanted:
-        print("bench: b4", flush=True)
-        results["b4"] = scenarios.b4_cold_page(config, originals, cpus, args.rounds, STATE)
+        _scenario(results, "b4", lambda: scenarios.b4_cold_page(config, originals, cpus, args.rounds, STATE))
     if "b6" in wanted:
-        print("bench: b6", flush=True)
-        results["b6"] = scenarios.b6_scaling(config, originals, STATE)
+        _scenario(results, "b6", lambda: scenarios.b6_scaling(config, originals, STATE))
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.write(results, Path(args.results))

@@ -46,6 +46,15 @@ class Bench:
     connections: int
     formats: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)  # (name, preset) -> format
 
+    def phizer_pids(self) -> list[int]:
+        """Every process of phizer's side: nginx (master + workers), memcached, instances (master + worker)."""
+        procs = [self.stack.nginx, self.stack.memcached, *self.stack.instances]
+        return [pid for proc in procs if proc is not None for pid in system.tree(proc.pid)]
+
+    def peer_pids(self) -> list[int]:
+        """Every process of the peer's side: its nginx (master + workers) and the thumbor servers."""
+        return [pid for proc in self.peers.procs for pid in system.tree(proc.pid)]
+
 
 def get(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """One GET on a fresh connection: status, headers (lower-case names), body."""
@@ -78,17 +87,22 @@ def _rounds(
         if r % 2:
             order.reverse()
         results: dict[str, WrkResult] = {}
+        cpu_ms: dict[str, float] = {}
         for side, base, paths in order:
+            pids = bench.phizer_pids() if side == "phizer" else bench.peer_pids()
+            before = system.cpu_seconds(pids)
             results[side] = run_wrk(base, paths, duration=duration, connections=connections, cpus=bench.cpus)
+            cpu_ms[side] = (system.cpu_seconds(pids) - before) * 1000 / max(1, results[side].requests)
             time.sleep(PAUSE)
         phizer, peer = results["phizer"], results["peer"]
         rounds.append(
             {
                 "round": r + 1,
-                "phizer": phizer.as_dict(),
-                "peer": peer.as_dict(),
+                "phizer": {**phizer.as_dict(), "cpu_ms_per_request": round(cpu_ms["phizer"], 3)},
+                "peer": {**peer.as_dict(), "cpu_ms_per_request": round(cpu_ms["peer"], 3)},
                 "ratio": _ratio(phizer.rps, peer.rps),
                 "p99_ratio": _ratio(phizer.p99_ms, peer.p99_ms),
+                "cpu_ratio": _ratio(cpu_ms["peer"], cpu_ms["phizer"]),
             }
         )
         print(
@@ -103,6 +117,7 @@ def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "median_ratio": round(statistics.median(r["ratio"] for r in rounds), 3),
         "median_p99_ratio": round(statistics.median(r["p99_ratio"] for r in rounds), 3),
+        "median_cpu_ratio": round(statistics.median(r["cpu_ratio"] for r in rounds), 3),
         "errors": sum(r["phizer"]["errors"] + r["peer"]["errors"] for r in rounds),
         "exhausted": any(r["phizer"]["exhausted"] or r["peer"]["exhausted"] for r in rounds),
     }
@@ -139,6 +154,7 @@ def check_formats(bench: Bench) -> dict[str, Any]:
 
 
 B1_IMAGE = "05_storm_2_5mp_baseline.jpg"
+B1_SECONDS = 5.0  # tens of thousands of hits a second: a few seconds are plenty
 
 
 def b1_cache_hit(bench: Bench, static_root: Path) -> dict[str, Any]:
@@ -162,7 +178,7 @@ def b1_cache_hit(bench: Bench, static_root: Path) -> dict[str, Any]:
         bench,
         lambda r: ((bench.stack.url + path, None), (bench.peers.static_url + "/b1/" + static.name, None)),
         connections,
-        max(3.0, bench.duration / 2),
+        B1_SECONDS,
     )
     return {"url": path, "bytes": len(body), "connections": connections, "cache_statuses": statuses,
             "rounds": rounds, **_summary(rounds)}
@@ -359,6 +375,7 @@ def b4_cold_page(
                 key = f"b4/r{r}/{i:02d}-{name}"
                 s3.put_object(Bucket="bench", Key=key, Body=originals.pool_path(pool_page, name).read_bytes())
                 pages[r].append(f"/{preset_name}/{key}")
+        (logs / "delay-proxy.log").unlink(missing_ok=True)  # its first line will be this run's address
         proxy = Process(
             "delay-proxy",
             [sys.executable, "-m", "bench.delay_proxy", "--upstream", endpoint, "--delay", str(delay)],
@@ -376,12 +393,16 @@ def b4_cold_page(
                         system.pin(proc.pid, cpus)
                 results = []
                 for r in range(rounds + 1):
+                    trees = [system.tree(proc.pid) for proc in stack.instances]
+                    before = [system.cpu_seconds(t) for t in trees]
                     page_time, answers = _page_fetch(stack.url, pages[r], concurrency)
+                    spent = [round(system.cpu_seconds(t) - b, 2) for t, b in zip(trees, before, strict=True)]
                     bad = [a for a in answers if a[0] != 200 or a[1] != "MISS"]
                     if r == 0:
                         continue
                     results.append({"round": r, "page_s": round(page_time, 3), "ratio": round(page_time / model, 3),
-                                    "slowest_s": round(max(a[2] for a in answers), 3), "not_cold_misses": len(bad)})
+                                    "slowest_s": round(max(a[2] for a in answers), 3), "not_cold_misses": len(bad),
+                                    "instance_cpu_s": spent})
                     print(f"  round {r}: page {page_time * 1000:.0f} ms, model {model * 1000:.0f} ms", flush=True)
         finally:
             proxy.stop()
