@@ -25,6 +25,10 @@ if list and list ~= "" then
   local nexti = 0
   exhausted = 0
 
+  -- wrk calls request() once on the first thread's state right after init() to check the script
+  -- (script_verify_request in wrk.c); that call must not use up a path.
+  local verifying = false
+
   function init(args)
     nthreads = tonumber(args[1]) or 1
     for line in io.lines(list) do
@@ -33,9 +37,14 @@ if list and list ~= "" then
       end
     end
     nexti = tid + 1
+    verifying = tid == 0
   end
 
   function request()
+    if verifying then
+      verifying = false
+      return wrk.format(nil, paths[nexti])
+    end
     local path = paths[nexti]
     if path == nil then
       -- Out of distinct paths: stop this thread; the request returned here is never counted as a miss.

@@ -1,0 +1,48 @@
+"""Smoke tests of the bench's own machinery (the bench itself runs with `make bench`, not here).
+
+The URL walker is what keeps every miss a miss: if it repeated a path, nginx's cache would answer and the
+bench would flatter phizer. Checked against a real HTTP server that counts what it is asked.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from bench.peer import thumbor_path
+from bench.wrk import run_wrk
+from service.presets import Preset
+from tests.support import CountingProxy
+
+pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is installed by `make bench` only")
+
+
+def test_walker_requests_each_path_once_then_stops() -> None:
+    paths = [f"/img/{i}.jpg" for i in range(40)]
+    server = CountingProxy(files={p: b"x" * 100 for p in paths})
+    try:
+        result = run_wrk(server.url, paths, duration=3, connections=4, threads=2)
+    finally:
+        server.close()
+    assert result.exhausted
+    assert set(server.gets) == set(paths)
+    # A thread that runs out sends the last path again while it stops; nothing else is ever repeated.
+    assert {path for path, count in server.gets.items() if count > 1} <= {paths[-1]}
+    assert result.errors == 0
+
+
+def test_walker_counts_failed_answers() -> None:
+    server = CountingProxy(files={})
+    try:
+        result = run_wrk(server.url, [f"/missing/{i}" for i in range(20)], duration=2, connections=2, threads=1)
+    finally:
+        server.close()
+    assert result.errors >= 15
+
+
+def test_thumbor_urls_match_phizer_presets() -> None:
+    contain = Preset("small", width=320, quality=82)
+    cover = Preset("thumb", width=150, height=150, fit="cover", quality=80, quality_by_format={"png": 90})
+    assert thumbor_path(contain, "a/b.jpg", "jpeg") == "/unsafe/fit-in/320x0/filters:quality(82):format(jpeg)/a/b.jpg"
+    assert thumbor_path(cover, "c.png", "png") == "/unsafe/150x150/filters:quality(90):format(png)/c.png"
