@@ -36,6 +36,13 @@ $(THUMBOR_STAMP): bench/requirements-thumbor.txt
 	PIP_CONSTRAINT="$(wildcard /etc/xdg/pip/constraints.txt)" $(THUMBOR_VENV)/bin/pip install -q -r bench/requirements-thumbor.txt
 	touch $@
 
+# `make deploy INVENTORY=ansible/inventories/<yours>` (see ansible/inventories/example); ANSIBLE_ARGS passes
+# more options, e.g. ANSIBLE_ARGS="--check --diff" or "-e phizer_serial=1". PIP_CONSTRAINT names files of this
+# machine: keep it away from hosts reached by a local or chroot connection.
+deploy: install
+	@test -n "$(INVENTORY)" || { echo "usage: make deploy INVENTORY=ansible/inventories/<yours>" >&2; exit 2; }
+	env -u PIP_CONSTRAINT ANSIBLE_CONFIG=ansible/ansible.cfg $(VENV)/bin/ansible-playbook -i $(INVENTORY) ansible/site.yml $(ANSIBLE_ARGS)
+
 lint: install
 	$(VPY) -m ruff check service tests bench
 
