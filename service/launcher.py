@@ -36,6 +36,7 @@ from service.procs import Process, free_port, http_ready, tcp_ready
 TEMPLATE = REPO_ROOT / "nginx" / "nginx.conf.j2"
 GUNICORN_CONF = REPO_ROOT / "service" / "gunicorn_conf.py"
 DEFAULT_STATE_DIR = REPO_ROOT / "state"
+SAMPLES = REPO_ROOT / "samples"  # the default config's origin
 WSGI_APP = "service.wsgi:app"
 NGINX = "nginx"
 MEMCACHED = "memcached"
@@ -261,6 +262,18 @@ class Stack:
         self.stop()
 
 
+def _hints(stack: Stack) -> str:
+    """URLs to try: the README's three when the bundled samples are served, else the preset list."""
+    url = stack.url
+    if stack.config.origins != (f"file://{SAMPLES}",) or not {"small", "thumb"} <= set(stack.config.presets):
+        return f"presets: {url}/presets.json"
+    return (
+        f"try: curl -sI {url}/small/storm.jpg   (twice: X-Cache-Status MISS, then HIT)\n"
+        f"     {url}/thumb/wine-exif-orientation-6.jpg   (150x150, upright: stored sideways with EXIF orientation)\n"
+        f"     {url}/presets.json   (every preset)"
+    )
+
+
 class _Interrupted(Exception):
     """SIGTERM or SIGINT arrived: unwind to the clean-up, whatever the main thread was doing."""
 
@@ -320,9 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"phizer is up at {stack.url}/  ({stack.instance_count} instances, memcached "
                 f"{','.join(stack.memcached_servers) or 'off'}, state in {stack.state_dir})"
             )
-        name = next(iter(stacks[0].config.presets))
-        print(f"try: curl -sI {stacks[0].url}/{name}/storm.jpg   (twice: X-Cache-Status MISS, then HIT)")
-        print("Ctrl-C stops everything.", flush=True)
+        print(_hints(stacks[0]), "Ctrl-C stops everything.", sep="\n", flush=True)
         while not any(stack.failure for stack in stacks):
             time.sleep(0.5)
         log.error("stopping: %s", next(stack.failure for stack in stacks if stack.failure))

@@ -155,7 +155,7 @@ def test_not_a_preset_path_is_a_404_from_nginx(stack: Stack) -> None:
 def test_killed_instance_costs_no_request_and_comes_back(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
     urls = iter(f"/{p}/load-{i:03d}.jpg" for i in range(100) for p in PRESETS)
     lock = threading.Lock()
-    outcomes: list[tuple[float, int]] = []
+    outcomes: list[tuple[float, int, str]] = []
 
     def load() -> None:
         with requests.Session() as session:
@@ -168,7 +168,7 @@ def test_killed_instance_costs_no_request_and_comes_back(stack: Stack, caplog: p
                     status = session.get(stack.url + path, timeout=30).status_code
                 except requests.RequestException:
                     status = 0
-                outcomes.append((time.monotonic(), status))
+                outcomes.append((time.monotonic(), status, path))
 
     victim = stack.instances[0]
     threads = [threading.Thread(target=load) for _ in range(4)]
@@ -179,9 +179,14 @@ def test_killed_instance_costs_no_request_and_comes_back(stack: Stack, caplog: p
     os.killpg(victim.pid, signal.SIGKILL)  # the instance's master and worker, as a crash would
     for thread in threads:
         thread.join(120)
-    failed = [status for _, status in outcomes if status != 200]
-    assert failed == [], (stack.logs / "error.log").read_text()[-3000:]
-    assert sum(1 for t, _ in outcomes if t > killed_at) > 20, "the load ended before the kill"
+    # Every request is answered by the other instance, except (rarely) the one response the victim was
+    # writing at the instant of the kill: nginx had already forwarded its 200 header, so it cannot replay
+    # it elsewhere and the client sees it cut. One gevent worker writes one response at a time: at most one.
+    failed = {path for _, status, path in outcomes if status != 200}
+    lines = [line for line in stack.access_log.read_text().splitlines() if any(f" {p} " in line for p in failed)]
+    cut = [line for line in lines if '" 200 ' in line and f"upstream=unix:{stack.socket_path(0)} " in line]
+    assert len(failed) <= 1 and len(cut) == len(failed), "\n".join(lines) + stack.logs.joinpath("error.log").read_text()
+    assert sum(1 for t, _, _ in outcomes if t > killed_at) > 20, "the load ended before the kill"
 
     deadline = time.monotonic() + 60
     while not any(old == victim.pid for _, old, _ in stack.restarts) and time.monotonic() < deadline:
