@@ -38,11 +38,12 @@ def main(source: str, target: str) -> None:
     if "b6" in results:
         b6 = results["b6"]
         mps = [p["megapixels"] for p in b6["series"]]
-        for preset in b6["presets"]:
-            cpu = [p[preset] for p in b6["series"]]
-            ax.plot(mps, cpu, marker="o", label=f"phizer, {preset}")
-            ax.scatter([p["megapixels"] for p in b6["corpus"]], [p[preset] for p in b6["corpus"]], marker="x")
-        base = b6["series"][0][b6["presets"][0]]
+        for i, curve in enumerate(b6["curves"]):
+            color = f"C{i}"
+            ax.plot(mps, [p[curve] for p in b6["series"]], marker="o", color=color, label=curve)
+            ax.scatter([p["megapixels"] for p in b6["corpus"]], [p[curve] for p in b6["corpus"]], marker="x",
+                       color=color)
+        base = b6["series"][0][b6["curves"][0]]
         ax.plot(mps, [base * mp / mps[0] for mp in mps], color="grey", linestyle="--",
                 label="proportional to pixels")
         ax.set_yscale("log")
@@ -50,7 +51,7 @@ def main(source: str, target: str) -> None:
         ax.set_xlabel("source megapixels")
         ax.set_ylabel("CPU ms per miss (in-process)")
         ax.set_title("B6: CPU per miss vs source size (x = corpus JPEGs)")
-        ax.legend()
+        ax.legend(fontsize="small")
 
     ax = axes[2]
     if "b4" in results:

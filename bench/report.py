@@ -175,30 +175,30 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [""]
     if "b6" in results:
         b6 = results["b6"]
-        presets = b6["presets"]
+        curves = b6["curves"]
         lines += [
             "## B6 CPU time per miss vs megapixels",
             "",
-            f"In-process CPU time (best of 3) of one render of `{b6['source']}` re-encoded at each size (baseline "
-            "JPEG q90), then of the corpus JPEGs. Chart: latest.png.",
+            f"In-process CPU time (best of 3) of one miss of `{b6['source']}` re-encoded at each size (baseline JPEG "
+            "q90), then of the corpus JPEGs, each a new original (no intermediate to reuse). Chart: latest.png.",
             "",
-            "| megapixels | " + " | ".join(f"{p} CPU ms" for p in presets) + " |",
-            "|---|" + "---|" * len(presets),
+            "| megapixels | " + " | ".join(f"{c} (CPU ms)" for c in curves) + " |",
+            "|---|" + "---|" * len(curves),
         ]
         for point in b6["series"]:
-            lines.append(f"| {point['megapixels']} | " + " | ".join(str(point[p]) for p in presets) + " |")
+            lines.append(f"| {point['megapixels']} | " + " | ".join(str(point[c]) for c in curves) + " |")
         lines += [
             "",
             f"Pixels grow {b6['pixel_growth']}x over the series; CPU time grows "
-            + ", ".join(f"{b6['cpu_growth'][p]}x ({p})" for p in presets)
+            + ", ".join(f"{b6['cpu_growth'][c]}x ({c})" for c in curves)
             + ".",
             "",
-            "| corpus image | megapixels | " + " | ".join(f"{p} CPU ms" for p in presets) + " |",
-            "|---|---|" + "---|" * len(presets),
+            "| corpus image | megapixels | " + " | ".join(f"{c} (CPU ms)" for c in curves) + " |",
+            "|---|---|" + "---|" * len(curves),
         ]
         for point in b6["corpus"]:
             lines.append(
-                f"| {point['image']} | {point['megapixels']} | " + " | ".join(str(point[p]) for p in presets) + " |"
+                f"| {point['image']} | {point['megapixels']} | " + " | ".join(str(point[c]) for c in curves) + " |"
             )
         lines += [""]
     if "memory" in results:

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0,
                         help="seconds per side per round of B2/B3 (default 20; B1 runs 5)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections for B2/B3 (default 16)")
-    parser.add_argument("--pages", type=int, default=80,
-                        help="distinct copies of the corpus in the pool (default 80, ~1.8 GB under state/bench)")
+    parser.add_argument("--pages", type=int, default=120,
+                        help="distinct copies of the corpus in the pool (default 120, ~2.6 GB under state/bench)")
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated subset, e.g. b2,b3")
     parser.add_argument("--results", default=str(RESULTS), help="folder for latest.md/json/png")
     args = parser.parse_args(argv)

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from bench import system
 from bench.corpus import Originals, megapixel_series, shuffled
 from bench.peer import Peers, thumbor_path
@@ -226,6 +228,11 @@ def b3_single_preset(bench: Bench) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ B5, B6
 
 
+def service_pipeline(config: Config) -> Pipeline:
+    """The pipeline exactly as the app builds it (service/app.py: intermediates sized for the largest preset)."""
+    return Pipeline(config.encoding, config.limits, config.presets.values())
+
+
 def _render_seconds(pipeline: Pipeline, data: bytes, preset_name: str, config: Config, clock: Callable[[], float],
                     tag: str) -> float:
     """One in-process render, timed with ``clock``; a unique digest so no per-instance cache can answer."""
@@ -241,7 +248,7 @@ B5_CASES = (("05_storm_2_5mp_baseline.jpg", "small"), ("01_kleiber_20mp_baseline
 def b5_overhead(bench: Bench, requests: int = 15) -> dict[str, Any]:
     """Sequential misses through nginx + instance + memcached vs the same render called in-process."""
     requests = min(requests, bench.originals.pages)
-    pipeline = Pipeline(bench.config.encoding, bench.config.limits)
+    pipeline = service_pipeline(bench.config)
     cases = []
     for name, preset_name in B5_CASES:
         if preset_name not in bench.config.presets:
@@ -279,35 +286,46 @@ B6_SOURCE = "01_kleiber_20mp_baseline.jpg"  # the largest baseline JPEG: the ser
 
 
 def b6_scaling(config: Config, originals: Originals, workdir: Path, repeats: int = 3) -> dict[str, Any]:
-    """In-process CPU time per miss against source megapixels: one photo at 0.3-20 MP, plus the corpus JPEGs."""
-    pipeline = Pipeline(config.encoding, config.limits)
-    presets = [p for p in ("small", "large") if p in config.presets] or [next(iter(config.presets))]
+    """In-process CPU time per miss against source megapixels: one photo at 0.3-20 MP, plus the corpus JPEGs.
+
+    Curves: the smallest and the largest preset as the service renders a miss (decode sized for the largest
+    preset, kept for the others), and the smallest preset decoded only as large as it needs.
+    """
+    served, per_request = service_pipeline(config), Pipeline(config.encoding, config.limits)
+    by_width = sorted(config.presets.values(), key=lambda p: (p.width or 0) * (p.height or p.width or 0))
+    smallest, largest = by_width[0].name, by_width[-1].name
+    curves = {
+        f"{smallest}, as served": (served, smallest),
+        f"{smallest}, decode sized per request": (per_request, smallest),
+        f"{largest}, as served": (served, largest),
+    }
     source = originals.pool_path(0, B6_SOURCE)
-    series = megapixel_series(workdir / "b6", source)
+    series = megapixel_series(workdir / "b6" / Path(B6_SOURCE).stem, source)
 
-    def cpu_ms(data: bytes, preset_name: str) -> float:
-        return min(
-            _render_seconds(pipeline, data, preset_name, config, time.process_time, f"b6-{i}") for i in range(repeats)
-        ) * 1000
+    def measure(data: bytes) -> dict[str, float]:
+        return {
+            label: round(
+                min(_render_seconds(pipe, data, name, config, time.process_time, f"{label}{i}") for i in range(repeats))
+                * 1000,
+                2,
+            )
+            for label, (pipe, name) in curves.items()
+        }
 
-    points = []
-    for mp, path in series:
-        data = path.read_bytes()
-        points.append({"megapixels": mp, **{p: round(cpu_ms(data, p), 2) for p in presets}})
+    points = [{"megapixels": mp, **measure(path.read_bytes())} for mp, path in series]
     corpus_points = []
-    from PIL import Image
-
     for name in originals.names:
-        if not name.endswith(".jpg"):
-            continue
-        data = originals.pool_path(0, name).read_bytes()
-        with Image.open(originals.pool_path(0, name)) as im:
-            mp = round(im.width * im.height / 1e6, 2)
-        corpus_points.append({"image": name, "megapixels": mp, **{p: round(cpu_ms(data, p), 2) for p in presets}})
+        if name.endswith(".jpg"):
+            path = originals.pool_path(0, name)
+            with Image.open(path) as im:
+                mp = round(im.width * im.height / 1e6, 2)
+            corpus_points.append({"image": name, "megapixels": mp, **measure(path.read_bytes())})
     first, last = points[0], points[-1]
-    growth = {p: round(last[p] / first[p], 1) for p in presets}
-    return {"source": source.name, "presets": presets, "series": points, "corpus": corpus_points,
-            "pixel_growth": round(last["megapixels"] / first["megapixels"], 1), "cpu_growth": growth}
+    return {
+        "source": source.name, "curves": list(curves), "series": points, "corpus": corpus_points,
+        "pixel_growth": round(last["megapixels"] / first["megapixels"], 1),
+        "cpu_growth": {label: round(last[label] / first[label], 1) for label in curves},
+    }
 
 
 # --------------------------------------------------------------------------------------------------- B4
@@ -356,7 +374,7 @@ def b4_cold_page(
     names = originals.names
     presets = list(config.presets)
     layout = [(names[i % len(names)], presets[i % len(presets)], i // len(names)) for i in range(page_size)]
-    pipeline = Pipeline(config.encoding, config.limits)
+    pipeline = service_pipeline(config)
     cpu_seconds = 0.0
     for name, preset_name, pool_page in layout:  # the page's pure CPU time: each render warm, in-process
         data = originals.pool_path(pool_page, name).read_bytes()
