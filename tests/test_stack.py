@@ -140,12 +140,13 @@ def test_accept_is_normalised_to_one_format_token(stack: Stack) -> None:
         assert (stack.state_dir / "cache" / digest[-1] / digest[-3:-1] / digest).is_file(), token
 
 
-def test_not_a_preset_path_is_a_404_from_nginx(stack: Stack) -> None:
+def test_nginx_answers_wrong_paths_itself_in_one_line(stack: Stack) -> None:
     for path in ("/", "/nope/hit.jpg", "/small/", "/small", "/favicon.ico"):
         response = get(stack, path)
-        assert response.status_code == 404, path
-        assert response.text == "not found: expected /<preset>/<key>\n"
+        assert (response.status_code, response.text) == (404, "not found: expected /<preset>/<key>\n"), path
         assert "X-Phizer-Instance" not in response.headers
+    malformed = get(stack, "/small/a%00b.jpg")  # nginx refuses a NUL in the path before any location
+    assert (malformed.status_code, malformed.text) == (400, "bad request: malformed URL or headers\n")
     for path in ("/healthz", "/presets.json"):
         assert get(stack, path).headers["X-Cache-Status"] == "BYPASS"
         assert get(stack, path).status_code == 200
