@@ -230,13 +230,16 @@ class Stack:
                     proc.popen.returncode,
                     new.pid,
                 )
-                try:
-                    new.wait_ready(instance_ready(self.socket_path(i)), timeout=60)
+                ready = instance_ready(self.socket_path(i))
+                try:  # stop() must not wait for a restart in progress: it stops the new process itself
+                    new.wait_ready(lambda: self._stopping.is_set() or ready(), timeout=60)  # noqa: B023
                 except (RuntimeError, TimeoutError) as exc:
                     failures[i] += 1
                     not_before[i] = time.monotonic() + min(30, 2 ** failures[i])
                     log.error("%s did not come back: %s", proc.name, exc)
                     continue
+                if self._stopping.is_set():
+                    return
                 failures[i] = 0
                 self.restarts.append((proc.name, proc.pid, new.pid))
                 log.warning("%s is back (pid %d)", proc.name, new.pid)
