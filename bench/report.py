@@ -157,8 +157,8 @@ def markdown(results: dict[str, Any]) -> str:
             "## B5 stack overhead",
             "",
             "Sequential misses (one connection, new original each time, read from the file origin and stored in "
-            "memcached) through nginx and an instance, vs `Pipeline.render` called in-process on the same bytes; "
-            "medians.",
+            "memcached) through nginx and an instance, each followed by `Pipeline.render` (built as the app builds "
+            "it) called in-process on the same bytes; medians of wall time.",
             "",
             "| image | preset | round | stack ms | in-process ms | overhead |",
             "|---|---|---|---|---|---|",

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if wanted & {"b1", "b2", "b3", "b5"}:
         env = {"PHIZER_ORIGINS": f"file://{originals.root}"}
         with (
-            Stack(STATE / "stack", port=free_port(), instances=len(cpus), env=env, memcached_mb=1024) as stack,
+            Stack(STATE / "stack", port=free_port(), instances=len(cpus), env=env) as stack,
             Peers(STATE / "peer", originals.root, STATE / "static", len(cpus), stack.config.encoding, cpus) as peers,
         ):
             for proc in [stack.nginx, stack.memcached, *stack.instances]:
