@@ -15,9 +15,10 @@ from bench.wrk import run_wrk
 from service.presets import Preset
 from tests.support import CountingProxy
 
-pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is installed by `make bench` only")
+needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is installed by `make bench` only")
 
 
+@needs_wrk
 def test_walker_requests_each_path_once_then_stops() -> None:
     paths = [f"/img/{i}.jpg" for i in range(40)]
     server = CountingProxy(files={p: b"x" * 100 for p in paths})
@@ -32,6 +33,7 @@ def test_walker_requests_each_path_once_then_stops() -> None:
     assert result.errors == 0
 
 
+@needs_wrk
 def test_walker_counts_failed_answers() -> None:
     server = CountingProxy(files={})
     try:
