@@ -27,6 +27,8 @@ def main(source: str, target: str) -> None:
     for i, (key, label) in enumerate(paired):
         ratios = [r["ratio"] for r in results[key]["rounds"]]
         ax.bar([x + i * width for x in range(len(ratios))], ratios, width, label=label)
+    rounds = max((len(results[key]["rounds"]) for key, _ in paired), default=0)
+    ax.set_xticks([x + width * (len(paired) - 1) / 2 for x in range(rounds)], [str(r + 1) for r in range(rounds)])
     for level, style in ((0.9, ":"), (1.2, "--"), (2.0, "-.")):
         ax.axhline(level, color="grey", linestyle=style, linewidth=0.8)
     ax.set_xlabel("round")
@@ -58,6 +60,7 @@ def main(source: str, target: str) -> None:
         b4 = results["b4"]
         pages = [r["page_s"] * 1000 for r in b4["rounds"]]
         ax.bar(range(1, len(pages) + 1), pages, label="page time")
+        ax.set_xticks(range(1, len(pages) + 1))
         ax.axhline(b4["model_s"] * 1000, color="black", label="200 ms + CPU/cores")
         ax.axhline(b4["model_s"] * 1300, color="grey", linestyle="--", label="target (1.3x)")
         ax.axhline(b4["origin_only_page_s"] * 1000, color="tab:orange", linestyle=":", label="originals alone")
