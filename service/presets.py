@@ -79,7 +79,8 @@ def parse_path(
     """Split ``/<preset>/<key>`` (already percent-decoded) into a preset and a checked key.
 
     With ``format_suffix``, ``/<preset>/photo.jpg.webp`` asks for ``photo.jpg`` as WebP: the suffix is only
-    taken as a format when what remains still has an extension, so a key ``photo.webp`` is never misread.
+    taken as a format when what remains itself ends in an image extension, so neither ``photo.webp`` nor
+    ``storm_2.5mp.jpg`` is misread. nginx's ``$phizer_key`` map applies the same rule.
     """
     name, sep, key = path.lstrip("/").partition("/")
     preset = presets.get(name)
@@ -90,7 +91,8 @@ def parse_path(
     fmt = None
     if format_suffix:
         stem, dot, ext = key.rpartition(".")
-        last = stem.rpartition("/")[2]
-        if dot and ext.lower() in SUFFIX_FORMATS and "." in last.strip("."):
+        name = stem.rpartition("/")[2]
+        own_ext = name.rpartition(".")[2] if "." in name else ""
+        if dot and ext.lower() in SUFFIX_FORMATS and own_ext.lower() in SUFFIX_FORMATS:
             key, fmt = stem, SUFFIX_FORMATS[ext.lower()]
     return ImageRequest(preset=preset, key=check_key(key, max_key_bytes), format=fmt)

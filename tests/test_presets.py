@@ -23,6 +23,8 @@ def test_format_suffix_only_after_a_key_with_its_own_extension() -> None:
     assert (parse("/small/a/cat.jpg.webp").key, parse("/small/a/cat.jpg.webp").format) == ("a/cat.jpg", "webp")
     assert (parse("/small/a/cat.webp").key, parse("/small/a/cat.webp").format) == ("a/cat.webp", None)
     assert parse("/small/a.b/cat.png").format is None  # the dot in a folder name does not count
+    assert parse("/small/storm_2.5mp.jpg").key == "storm_2.5mp.jpg"  # a dot in the name is not an extension
+    assert parse("/small/x.PNG.JPG").format == "jpeg"
     assert parse("/small/cat.jpg.webp", suffix=False).key == "cat.jpg.webp"
 
 

@@ -96,6 +96,9 @@ def test_every_preset_of_a_key_is_served_by_one_instance(stack: Stack) -> None:
     for i in range(24):
         key = f"spread-{i:02d}.jpg"
         served_by = {get(stack, f"/{preset}/{key}").headers["X-Phizer-Instance"] for preset in PRESETS}
+        suffixed = get(stack, f"/small/{key}.webp")  # a format suffix joins its original's instance
+        assert suffixed.headers["Content-Type"] == "image/webp"
+        served_by.add(suffixed.headers["X-Phizer-Instance"])
         assert len(served_by) == 1, f"{key} rendered by {served_by}"
         owner[key] = served_by.pop()
     assert set(owner.values()) == {"app-0", "app-1"}
