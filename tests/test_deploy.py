@@ -10,6 +10,7 @@ machine through each host's nginx, with the two hosts sharing one memcached pool
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import re
@@ -36,8 +37,6 @@ HOSTS = ("host-a", "host-b")
 INSTANCES = 2
 PHOTO = "04_picos_8mp_progressive.jpg"  # 1.8 MB: stored in memcached as several chunks
 WHEEL_DIR = "/var/cache/phizer/wheels"  # the phizer role's phizer_wheel_dir
-# Each deployed pillow-simd wheel is kept per CPU flavour: an AVX2 build must not reach a CPU without it.
-WHEEL_CACHE = CACHE / "wheels" / ("avx2" if "avx2" in Path("/proc/cpuinfo").read_text().split() else "generic")
 RECAP = re.compile(
     r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
     r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)",
@@ -91,6 +90,19 @@ class Deployment:
     s3: support.CountingProxy  # every S3 request of the hosts passes here
 
 
+def _wheel_cache() -> Path:
+    """Where the pillow-simd wheel a host built is kept for later runs, keyed by what the build depends on.
+
+    The CPU flavour (an AVX2 build must not reach a CPU without it), the phizer role (its Debian packages and
+    build command) and requirements.txt: any change there makes the next run compile again, on each host.
+    """
+    flavour = "avx2" if "avx2" in Path("/proc/cpuinfo").read_text().split() else "generic"
+    digest = hashlib.sha256()
+    for path in ("ansible/roles/phizer/defaults/main.yml", "ansible/roles/phizer/tasks/main.yml", "requirements.txt"):
+        digest.update((support.REPO / path).read_bytes())
+    return CACHE / "wheels" / f"{flavour}-{digest.hexdigest()[:12]}"
+
+
 def _snapshot(folder: Path) -> Path:
     """The files the roles deploy, copied once: edits to the work tree during the test cannot change them."""
     for name in ("service", "nginx"):
@@ -105,7 +117,8 @@ def _inventory(folder: Path, hosts: dict[str, ChrootHost], s3_url: str) -> tuple
     checkout = _snapshot(folder / "checkout")
     nginx_ports = {name: free_port() for name in hosts}
     memcached_ports = {name: free_port() for name in hosts}
-    prebuilt = str(WHEEL_CACHE) if any(WHEEL_CACHE.glob("pillow_simd-*.whl")) else ""
+    wheels = _wheel_cache()
+    prebuilt = str(wheels) if any(wheels.glob("pillow_simd-*.whl")) else ""
     host_vars = {
         name: {
             "ansible_connection": "community.general.chroot",
@@ -120,9 +133,9 @@ def _inventory(folder: Path, hosts: dict[str, ChrootHost], s3_url: str) -> tuple
             "phizer_instances": INSTANCES,
             "phizer_origins": [f"s3://{BUCKET}"],
             "phizer_environment": {**support.AWS_ENV, "AWS_ENDPOINT_URL": s3_url},
-            # host-a always compiles pillow-simd (the role's own path); host-b takes the wheel host-a built
-            # on an earlier run, so the two do not compile side by side on this machine's two cores.
-            "phizer_prebuilt_wheels": prebuilt if name != HOSTS[0] else "",
+            # The first run (and any run after the build's inputs changed) compiles pillow-simd on each host;
+            # later runs hand the hosts the wheel kept from it, through the role's own prebuilt-wheel path.
+            "phizer_prebuilt_wheels": prebuilt,
         }
         for name, host in hosts.items()
     }
@@ -174,9 +187,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str, logs:
             print(f"converge {run}: {recaps[-1]} after {time.monotonic() - started:.0f} s")
         for host in hosts.values():
             host.keep_downloads()
-        WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+        wheels = _wheel_cache()
+        wheels.mkdir(parents=True, exist_ok=True)
         for wheel in (hosts[HOSTS[0]].root / WHEEL_DIR.lstrip("/")).glob("pillow_simd-*.whl"):
-            shutil.copy2(wheel, WHEEL_CACHE / wheel.name)
+            shutil.copy2(wheel, wheels / wheel.name)
         for name, host in hosts.items():
             _start_services(host, memcached[name])
             host.start_unit("nginx.service").wait_ready(http_ready(urls[name] + "/healthz"), timeout=20)
