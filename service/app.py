@@ -16,6 +16,7 @@ import falcon
 from service.cache import MemcachedOriginals, OriginalStore
 from service.config import Config
 from service.errors import PhizerError
+from service.offload import Offload, make_offload
 from service.origins import OriginChain, make_origin
 from service.pipeline import Pipeline, varies_on_accept
 from service.presets import parse_path
@@ -42,10 +43,13 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 class ImageResource:
     """Serves renditions; any path that is not a route lands here (a Falcon sink)."""
 
-    def __init__(self, config: Config, store: OriginalStore, pipeline: Pipeline, instance: str) -> None:
+    def __init__(
+        self, config: Config, store: OriginalStore, pipeline: Pipeline, offload: Offload[Any], instance: str
+    ) -> None:
         self.config = config
         self.store = store
         self.pipeline = pipeline
+        self.offload = offload
         self.instance = instance
         self.preset_ids = {
             name: json.dumps(preset.public(), sort_keys=True) + json.dumps(dict(preset.quality_by_format))
@@ -81,8 +85,10 @@ class ImageResource:
         if etag_matches(req.get_header("If-None-Match"), etag):
             resp.status = falcon.HTTP_304
             return
-        rendition = self.pipeline.render(
-            original.data, original.digest, request.preset, accepts_webp=webp, forced_format=request.format
+        rendition = self.offload(
+            lambda: self.pipeline.render(
+                original.data, original.digest, request.preset, accepts_webp=webp, forced_format=request.format
+            )
         )
         resp.content_type = rendition.content_type
         resp.data = rendition.body
@@ -100,15 +106,20 @@ def create_app(
     config: Config,
     store: OriginalStore | None = None,
     pipeline: Pipeline | None = None,
+    offload: Offload[Any] | None = None,
     instance: str = "",
 ) -> falcon.App:
-    """Assemble the app; collaborators default to the real ones built from ``config``."""
+    """Assemble the app; collaborators default to the real ones built from ``config``.
+
+    ``offload`` runs each render (CPU-bound) somewhere: by default on ``config.render_threads`` native threads.
+    """
     if store is None:
         cache = None
         if config.memcached.servers:
             cache = MemcachedOriginals(config.memcached, config.limits.memcached_timeout)
         store = OriginalStore(OriginChain([make_origin(url, config) for url in config.origins]), cache)
     pipeline = pipeline or Pipeline(config.encoding, config.limits, config.presets.values())
+    offload = offload or make_offload(config.render_threads)
 
     app = falcon.App(media_type=falcon.MEDIA_TEXT)
     app.req_options.strip_url_path_trailing_slash = False
@@ -126,7 +137,7 @@ def create_app(
 
     app.add_route("/presets.json", _Get(presets))
     app.add_route("/healthz", _Get(healthz))
-    app.add_sink(ImageResource(config, store, pipeline, instance), prefix="/")
+    app.add_sink(ImageResource(config, store, pipeline, offload, instance), prefix="/")
 
     def on_phizer_error(req: falcon.Request, resp: falcon.Response, exc: PhizerError, params: Any) -> None:
         resp.status = exc.status

@@ -82,6 +82,7 @@ class Config:
     cache_control: str = "public, max-age=31536000"
     error_cache_control: str = "public, max-age=60"  # for 404s, so a missing file cannot hammer the origin
     s3_max_pool_connections: int = 64  # botocore's default of 10 would throw away connections under load
+    render_threads: int = 0  # native threads rendering in parallel per instance (0: one per core); see offload.py
 
 
 def _check_type(path: str, value: Any, expected: type | tuple[type, ...]) -> Any:

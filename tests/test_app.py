@@ -61,3 +61,14 @@ def test_errors_are_one_plain_line(client: falcon.testing.TestClient) -> None:
 def test_etag_matching() -> None:
     assert etag_matches('"a", "b"', '"b"') and etag_matches("*", '"x"') and etag_matches('W/"b"', '"b"')
     assert not etag_matches(None, '"b"') and not etag_matches('"bb"', '"b"')
+
+
+def test_offload_runs_on_another_native_thread_and_raises_there() -> None:
+    import threading
+
+    from service.offload import make_offload
+
+    offload = make_offload(2)
+    assert offload(threading.get_ident) != threading.get_ident()
+    with pytest.raises(NotFound):
+        offload(lambda: FakeStore({}).get("gone.jpg"))
