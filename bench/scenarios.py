@@ -229,8 +229,8 @@ def b3_single_preset(bench: Bench) -> dict[str, Any]:
 
 
 def service_pipeline(config: Config) -> Pipeline:
-    """The pipeline exactly as the app builds it (service/app.py: intermediates sized for the largest preset)."""
-    return Pipeline(config.encoding, config.limits, config.presets.values())
+    """The pipeline exactly as the app builds it (service/app.py)."""
+    return Pipeline(config.encoding, config.limits)
 
 
 def _render_seconds(pipeline: Pipeline, data: bytes, preset_name: str, config: Config, clock: Callable[[], float],
@@ -290,15 +290,13 @@ B6_SOURCE = "01_kleiber_20mp_baseline.jpg"  # the largest baseline JPEG: the ser
 def b6_scaling(config: Config, originals: Originals, workdir: Path, repeats: int = 3) -> dict[str, Any]:
     """In-process CPU time per miss against source megapixels: one photo at 0.3-20 MP, plus the corpus JPEGs.
 
-    Curves: the smallest and the largest preset as the service renders a miss (decode sized for the largest
-    preset, kept for the others), and the smallest preset decoded only as large as it needs.
+    Curves: the smallest and the largest preset as the service renders a miss (shrink-on-load sized for it).
     """
-    served, per_request = service_pipeline(config), Pipeline(config.encoding, config.limits)
+    served = service_pipeline(config)
     by_width = sorted(config.presets.values(), key=lambda p: (p.width or 0) * (p.height or p.width or 0))
     smallest, largest = by_width[0].name, by_width[-1].name
     curves = {
         f"{smallest}, as served": (served, smallest),
-        f"{smallest}, decode sized per request": (per_request, smallest),
         f"{largest}, as served": (served, largest),
     }
     source = originals.pool_path(0, B6_SOURCE)

@@ -118,7 +118,7 @@ def create_app(
         if config.memcached.servers:
             cache = MemcachedOriginals(config.memcached, config.limits.memcached_timeout)
         store = OriginalStore(OriginChain([make_origin(url, config) for url in config.origins]), cache)
-    pipeline = pipeline or Pipeline(config.encoding, config.limits, config.presets.values())
+    pipeline = pipeline or Pipeline(config.encoding, config.limits)
     offload = offload or make_offload(config.render_threads)
 
     app = falcon.App(media_type=falcon.MEDIA_TEXT)

@@ -15,8 +15,10 @@ what happens to every pixel and in which order. Speed is the product, so the ord
   the bytes of a profile in every thumbnail. Grayscale stays grayscale (a gray profile is dropped unconverted).
   CMYK without a profile falls back to Pillow's naive conversion, as there is no CMYK profile to assume.
 - Intermediates: nginx pins every preset of one original to one instance, so each instance keeps a small LRU
-  (``limits.intermediate_cache_bytes``) of decoded, shrunk-on-load originals by digest; given the configured
-  presets, the first request decodes once at the size the largest preset needs and the others resize from it.
+  (``limits.intermediate_cache_bytes``) of decoded, shrunk-on-load originals by digest: a preset that needs no
+  more pixels than the kept one resizes from it; a bigger one decodes again and replaces it. Decoding for the
+  largest preset up front was measured (bench B2/B3) and lost: most pages ask one preset of many originals,
+  and concurrent renders of one original would each pay the biggest decode before any was kept.
 
 Errors: anything that is not a JPEG/PNG/WebP/GIF is ``UnsupportedMedia``; a corrupt or truncated file is
 ``Unprocessable`` (never a half-decoded image); too many pixels, checked from the header before decoding, is
@@ -31,7 +33,7 @@ import io
 import math
 import struct
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from fractions import Fraction
 
@@ -427,17 +429,11 @@ class IntermediateCache:
 
 
 class Pipeline:
-    """Renders originals to presets; one per worker, holding the encoder settings, limits and the intermediates.
+    """Renders originals to presets; one per worker, holding the encoder settings, limits and the intermediates."""
 
-    ``presets`` (optional) lets an original be decoded once at the size its largest configured preset needs, so
-    all its other presets render from that intermediate; without it, intermediates are sized per request and a
-    bigger request decodes again (and replaces the kept one).
-    """
-
-    def __init__(self, encoding: Encoding, limits: Limits, presets: Iterable[Preset] = ()) -> None:
+    def __init__(self, encoding: Encoding, limits: Limits) -> None:
         self.encoding = encoding
         self.limits = limits
-        self.presets = tuple(presets)
         self.intermediates = IntermediateCache(limits.intermediate_cache_bytes)
 
     def render(
@@ -485,7 +481,7 @@ class Pipeline:
         return to_srgb(im, plan.icc)
 
     def intermediate(self, plan: Plan, digest: str | None) -> Intermediate:
-        """The decoded original at the size this preset (or, with ``presets``, the largest preset) needs.
+        """The decoded original at the size this preset needs (or a kept, bigger one).
 
         With a ``digest`` and a non-zero cache size, the result is kept for the original's next presets.
         """
@@ -494,9 +490,7 @@ class Pipeline:
             kept = cache.get(digest, plan.layout.decode_size)
             if kept is not None:
                 return kept
-        sizes = [layout(plan.image.size, plan.orientation, p).decode_size for p in self.presets]
-        sizes.append(plan.layout.decode_size)
-        target = (max(w for w, _ in sizes), max(h for _, h in sizes))
+        target = plan.layout.decode_size
         im, scale = load(plan.image, target)
         im = normalise_mode(im)
         if cache is None or digest is None:
