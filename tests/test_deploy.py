@@ -28,7 +28,7 @@ from PIL import Image
 from service.launcher import instance_ready
 from service.procs import free_port, http_ready, tcp_ready
 from tests import support
-from tests.chroot_host import CACHE, ChrootHost
+from tests.chroot_host import CACHE, ChrootHost, Unit
 
 ANSIBLE = support.REPO / "ansible"
 EXAMPLE = ANSIBLE / "inventories" / "example"
@@ -216,6 +216,9 @@ def test_units_verify_cleanly(deployment: Deployment) -> None:
         assert (result.returncode, result.stdout + result.stderr) == (0, "")
         enabled = host.root / "etc/systemd/system/phizer.target.wants"
         assert sorted(p.name for p in enabled.iterdir()) == [f"phizer@{i}.service" for i in range(INSTANCES)]
+        instance = Unit(host.root, "phizer@.service", "0")
+        hardening = {"User": "phizer", "Restart": "on-failure", "NoNewPrivileges": "yes", "ProtectSystem": "strict"}
+        assert {key: instance.one(key) for key in hardening} == hardening
 
 
 def test_deployed_pil_is_the_simd_build(deployment: Deployment) -> None:
