@@ -32,16 +32,15 @@ import functools
 import io
 import math
 import struct
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from fractions import Fraction
 
 from PIL import ExifTags, Image, ImageCms, ImageColor, ImageFile, ImageSequence
 
 from service.config import Encoding, Limits
 from service.errors import TooLarge, Unprocessable, UnsupportedMedia
-from service.offload import native_lock
+from service.geometry import DRAFT_GAP, Layout, layout
+from service.intermediates import Intermediate, IntermediateCache
 from service.presets import Preset
 
 # A truncated file must fail, never come out with a grey bottom half (this is Pillow's default; made explicit).
@@ -54,9 +53,6 @@ SAVE_FORMATS = {fmt: name for name, fmt in SOURCE_FORMATS.items()}
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif"}
 ANIMATED_OUTPUTS = ("gif", "webp")
 
-# JPEGs are DCT-scaled on load to at least this many times the output size, so LANCZOS still does the final,
-# sharp reduction (with 1.0 the DCT scaling alone would do it, visibly softer); see the quality test.
-DRAFT_GAP = 1.5
 # resize() first box-reduces by an integer factor while the remaining LANCZOS scale stays >= this (Pillow: 3.0
 # is practically indistinguishable from a plain LANCZOS resize).
 REDUCING_GAP = 3.0
@@ -72,7 +68,6 @@ TRANSPOSES = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-SWAPS_AXES = (5, 6, 7, 8)
 EXIF_TAG_IDS = {name.lower(): int(tag) for name, tag in ExifTags.Base.__members__.items()}
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
@@ -86,68 +81,6 @@ class Rendition:
     content_type: str
     width: int
     height: int
-
-
-# ---------------------------------------------------------------------------------------------------- geometry
-
-
-def _round(value: Fraction) -> int:
-    """Round half up, never to 0 (exact: the geometry is done in fractions so a box edge is never off by one)."""
-    return max(1, math.floor(value + Fraction(1, 2)))
-
-
-def output_size(src_w: int, src_h: int, preset: Preset) -> tuple[int, int]:
-    """The exact output size for an (upright) ``src_w`` x ``src_h`` original.
-
-    contain: the largest size inside the box, keeping the aspect ratio. cover: exactly the box. Without
-    ``upscale`` nothing is ever enlarged: contain stops at the original size, and cover shrinks the box (keeping
-    its aspect ratio, so square thumbnails stay square) until it fits inside the original.
-    """
-    if preset.fit == "cover":
-        assert preset.width is not None and preset.height is not None  # config.py guarantees it for cover
-        box_w, box_h = preset.width, preset.height
-        k = Fraction(1) if preset.upscale else min(Fraction(1), Fraction(src_w, box_w), Fraction(src_h, box_h))
-        return _round(box_w * k), _round(box_h * k)
-    scales = []
-    if preset.width is not None:
-        scales.append(Fraction(preset.width, src_w))
-    if preset.height is not None:
-        scales.append(Fraction(preset.height, src_h))
-    scale = min(scales)
-    if not preset.upscale:
-        scale = min(scale, Fraction(1))
-    return _round(src_w * scale), _round(src_h * scale)
-
-
-def crop_box(src_w: float, src_h: float, out_w: int, out_h: int) -> tuple[float, float, float, float]:
-    """The centred region of a ``src_w`` x ``src_h`` image with the aspect ratio of ``out_w`` x ``out_h``."""
-    if src_w * out_h > src_h * out_w:  # source is wider: crop the sides
-        w, h = src_h * out_w / out_h, src_h
-    else:
-        w, h = src_w, src_w * out_h / out_w
-    left, top = (src_w - w) / 2, (src_h - h) / 2
-    return left, top, left + w, top + h
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where one preset's output comes from in the raw (as stored, unoriented) original."""
-
-    raw_size: tuple[int, int]  # the output size before orientation (axes swapped for orientations 5-8)
-    out_size: tuple[int, int]  # the final, upright output size
-    box: tuple[float, float, float, float]  # the region of the raw original that is kept (cover crops)
-    decode_size: tuple[int, int]  # the size the whole raw original is scaled to on the way
-
-
-def layout(size: tuple[int, int], orientation: int, preset: Preset) -> Layout:
-    """The geometry of ``preset`` for a raw original of ``size`` with EXIF ``orientation``."""
-    width, height = size
-    swap = orientation in SWAPS_AXES
-    out_w, out_h = output_size(*((height, width) if swap else size), preset)
-    raw_size = (out_h, out_w) if swap else (out_w, out_h)
-    box = crop_box(width, height, *raw_size) if preset.fit == "cover" else (0.0, 0.0, width, height)
-    shrink = max(raw_size[0] / (box[2] - box[0]), raw_size[1] / (box[3] - box[1]))
-    return Layout(raw_size, (out_w, out_h), box, (math.ceil(width * shrink), math.ceil(height * shrink)))
 
 
 # ------------------------------------------------------------------------------------------------------- format
@@ -369,63 +302,6 @@ class Plan:
     layout: Layout
     icc: bytes | None
     exif: Image.Exif
-
-
-@dataclasses.dataclass(frozen=True)
-class Intermediate:
-    """A decoded original, mode-normalised, shrunk by ``scale`` (draft or reduce) but not yet cropped or resized."""
-
-    image: Image.Image
-    scale: float
-
-    def serves(self, decode_size: tuple[int, int]) -> bool:
-        """Whether a preset needing ``decode_size`` renders from this as well as from a fresh decode."""
-        return self.scale == 1 or (
-            self.image.width >= decode_size[0] * DRAFT_GAP and self.image.height >= decode_size[1] * DRAFT_GAP
-        )
-
-    @property
-    def nbytes(self) -> int:
-        return self.image.width * self.image.height * len(self.image.getbands())
-
-
-class IntermediateCache:
-    """A per-instance LRU of intermediates by original digest, bounded in bytes.
-
-    Renders run on several native threads (service/offload.py), so every access holds a native lock; kept
-    images are only ever read (resized into new images), never changed, so sharing them between threads is safe.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._entries: OrderedDict[str, Intermediate] = OrderedDict()
-        self._lock = native_lock()
-
-    def get(self, digest: str, decode_size: tuple[int, int]) -> Intermediate | None:
-        with self._lock:
-            entry = self._entries.get(digest)
-            if entry is None or not entry.serves(decode_size):
-                self.misses += 1
-                return None
-            self._entries.move_to_end(digest)
-            self.hits += 1
-            return entry
-
-    def put(self, digest: str, entry: Intermediate) -> None:
-        with self._lock:
-            old = self._entries.pop(digest, None)
-            if old is not None:
-                self.nbytes -= old.nbytes
-            if entry.nbytes > self.max_bytes:
-                return
-            self._entries[digest] = entry
-            self.nbytes += entry.nbytes
-            while self.nbytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self.nbytes -= evicted.nbytes
 
 
 class Pipeline:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.pipeline import crop_box, output_size
+from service.geometry import crop_box, output_size
 from service.presets import Preset
 from tests.imaging import DEFAULT_CONFIG, corpus_files
 

@@ -16,7 +16,9 @@ from PIL import ExifTags, Image, features
 
 from service.config import Encoding, Limits
 from service.errors import TooLarge, Unprocessable, UnsupportedMedia
-from service.pipeline import Intermediate, IntermediateCache, Pipeline, choose_format, output_size, varies_on_accept
+from service.geometry import output_size
+from service.intermediates import Intermediate, IntermediateCache
+from service.pipeline import Pipeline, choose_format, varies_on_accept
 from service.presets import Preset
 from tests.imaging import DEFAULT_CONFIG, corpus_files, decode, render
 
