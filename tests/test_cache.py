@@ -32,11 +32,20 @@ def test_long_keys_with_spaces_are_safe(memcached_server: str) -> None:
     assert cache.get(key) == Original.from_bytes(b"x")
 
 
+def _wait_stopped(pid: int) -> None:
+    """SIGSTOP is delivered asynchronously: wait until the kernel shows the process stopped ('T')."""
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+        assert time.monotonic() < deadline, "memcached did not stop"
+        time.sleep(0.01)
+
+
 def test_hung_or_dead_memcached_is_a_quick_miss(logs: Path) -> None:
     with support.memcached(logs) as (proc, address):
         cache = MemcachedOriginals(MemcachedOptions(servers=(address,)), timeout=0.2)
         cache.set("k", Original.from_bytes(b"v"))
         os.kill(proc.pid, signal.SIGSTOP)  # hung: accepts nothing, answers nothing
+        _wait_stopped(proc.pid)
         try:
             started = time.monotonic()
             assert cache.get("k") is None
