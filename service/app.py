@@ -16,9 +16,10 @@ import falcon
 from service.cache import MemcachedOriginals, OriginalStore
 from service.config import Config
 from service.errors import PhizerError
+from service.formats import varies_on_accept
 from service.offload import Offload, make_offload
 from service.origins import OriginChain, make_origin
-from service.pipeline import Pipeline, varies_on_accept
+from service.pipeline import Pipeline
 from service.presets import parse_path
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,10 @@ from PIL import ExifTags, Image, features
 
 from service.config import Encoding, Limits
 from service.errors import TooLarge, Unprocessable, UnsupportedMedia
+from service.formats import choose_format, varies_on_accept
 from service.geometry import output_size
 from service.intermediates import Intermediate, IntermediateCache
-from service.pipeline import Pipeline, choose_format, varies_on_accept
+from service.pipeline import Pipeline
 from service.presets import Preset
 from tests.imaging import DEFAULT_CONFIG, corpus_files, decode, render
 
