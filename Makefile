@@ -8,9 +8,9 @@ STAMP       := $(VENV)/.installed
 THUMBOR_VENV  := bench/.venv-thumbor
 THUMBOR_STAMP := $(THUMBOR_VENV)/.installed
 # Debian packages the stack and its tests need; installed only when absent.
-APT_PACKAGES := nginx-light memcached debootstrap gcc python3-dev python3-venv \
+# (binutils: objdump, with which a test checks pillow-simd's AVX2 code; wrk: the bench and its smoke test.)
+APT_PACKAGES := nginx-light memcached debootstrap gcc binutils python3-dev python3-venv wrk \
                 zlib1g-dev libjpeg62-turbo-dev libwebp-dev liblcms2-dev libtiff-dev libopenjp2-7-dev
-BENCH_APT_PACKAGES := wrk
 PILLOW_SIMD := $(shell grep -i '^pillow-simd==' requirements.txt)
 # Plain Pillow must never replace pillow-simd: keep the machine's own constraints and add ours.
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt $(wildcard /etc/xdg/pip/constraints.txt)
@@ -26,7 +26,6 @@ test: install
 	$(VPY) -m pytest
 
 bench: install $(THUMBOR_STAMP)
-	$(MAKE) system-deps APT_PACKAGES="$(BENCH_APT_PACKAGES)"
 	$(VPY) -m bench.run
 
 # The bench's peer (thumbor) and its chart's matplotlib need plain Pillow: their own venv, installed

@@ -6,19 +6,12 @@ bench would flatter phizer. Checked against a real HTTP server that counts what 
 
 from __future__ import annotations
 
-import shutil
-
-import pytest
-
 from bench.peer import thumbor_path
 from bench.wrk import run_wrk
 from service.presets import Preset
 from tests.support import CountingProxy
 
-needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is installed by `make bench` only")
 
-
-@needs_wrk
 def test_walker_requests_each_path_once_then_stops() -> None:
     paths = [f"/img/{i}.jpg" for i in range(40)]
     server = CountingProxy(files={p: b"x" * 100 for p in paths})
@@ -33,7 +26,6 @@ def test_walker_requests_each_path_once_then_stops() -> None:
     assert result.errors == 0
 
 
-@needs_wrk
 def test_walker_counts_failed_answers() -> None:
     server = CountingProxy(files={})
     try:
