@@ -28,12 +28,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 
-import jinja2
-
 from service.config import REPO_ROOT, load_config
+from service.nginx_conf import render_nginx_conf
 from service.procs import Process, free_port, http_ready, tcp_ready
 
-TEMPLATE = REPO_ROOT / "nginx" / "nginx.conf.j2"
 GUNICORN_CONF = REPO_ROOT / "service" / "gunicorn_conf.py"
 DEFAULT_STATE_DIR = REPO_ROOT / "state"
 SAMPLES = REPO_ROOT / "samples"  # the default config's origin
@@ -42,18 +40,6 @@ NGINX = "nginx"
 MEMCACHED = "memcached"
 
 log = logging.getLogger("phizer.launcher")
-
-
-def render_nginx_conf(**variables: object) -> str:
-    """Render nginx/nginx.conf.j2 the way Ansible's template module does (trim_blocks on)."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATE.parent),
-        undefined=jinja2.StrictUndefined,  # a variable the template needs but nobody set is an error
-        trim_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    return env.get_template(TEMPLATE.name).render(**variables)
 
 
 def instance_ready(sock: Path) -> Callable[[], bool]:

@@ -22,7 +22,7 @@ import pytest
 import requests
 from PIL import Image
 
-from service.launcher import render_nginx_conf
+from service.nginx_conf import render_nginx_conf
 from service.procs import free_port
 from tests.support import REPO
 
