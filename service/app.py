@@ -6,39 +6,22 @@ so tests assemble it with real or fake parts and gunicorn gets the real ones fro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any
 
 import falcon
 
-from service.cache import MemcachedOriginals, OriginalStore
+from service.cache import MemcachedOriginals, OriginalStore, origins_namespace
 from service.config import Config
 from service.errors import PhizerError
-from service.formats import varies_on_accept
+from service.identity import etag_matches, preset_fingerprints, rendition_etag
 from service.offload import Offload, make_offload
 from service.origins import OriginChain, make_origin
 from service.pipeline import Pipeline
-from service.presets import parse_path
+from service.presets import ImageRequest, format_token, negotiates, parse_path
 
 log = logging.getLogger(__name__)
-
-# Bump when the pipeline's output for the same inputs changes, so ETags (and browser caches) follow.
-PIPELINE_VERSION = "1"
-
-
-def accepts_webp(req: falcon.Request) -> bool:
-    """The one format-negotiation rule, mirrored by nginx's cache key: Accept lists image/webp."""
-    return "image/webp" in (req.get_header("Accept") or "").lower()
-
-
-def etag_matches(if_none_match: str | None, etag: str) -> bool:
-    """RFC 9110 weak comparison, as If-None-Match requires."""
-    if not if_none_match:
-        return False
-    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
-    return "*" in tags or etag in tags
 
 
 class ImageResource:
@@ -52,10 +35,7 @@ class ImageResource:
         self.pipeline = pipeline
         self.offload = offload
         self.instance = instance
-        self.preset_ids = {
-            name: json.dumps(preset.public(), sort_keys=True) + json.dumps(dict(preset.quality_by_format))
-            for name, preset in config.presets.items()
-        }
+        self.fingerprints = preset_fingerprints(config)
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
         if self.instance:
@@ -66,33 +46,45 @@ class ImageResource:
         request = parse_path(
             req.path, self.config.presets, self.config.limits.max_key_bytes, self.config.encoding.url_format_suffix
         )
-        webp = accepts_webp(req)
-        varies = varies_on_accept(request.preset, request.format)
-        original = self.store.get(request.key)
-        identity = "\0".join(
-            (
-                PIPELINE_VERSION,
-                original.digest,
-                self.preset_ids[request.preset.name],
-                request.format or "",
-                "webp" if varies and webp else "",
-            )
-        )
-        etag = '"' + hashlib.blake2b(identity.encode(), digest_size=16).hexdigest() + '"'
-        resp.set_header("ETag", etag)
+        token = format_token(request, req.get_header("Accept"))
+        fingerprint = self.fingerprints[request.preset.name]
         resp.set_header("Cache-Control", self.config.cache_control)
-        if varies:
+        if negotiates(request):
             resp.set_header("Vary", "Accept")
-        if etag_matches(req.get_header("If-None-Match"), etag):
-            resp.status = falcon.HTTP_304
+        if_none_match = req.get_header("If-None-Match")
+        if if_none_match:
+            # Revalidation (nginx's, a browser's) is decided from the digest in memcached's head item when it
+            # is there: no origin fetch, not even a read of the original's chunks.
+            digest = self.store.digest(request.key)
+            if digest is not None and self._not_modified(resp, if_none_match, digest, fingerprint, request, token):
+                return
+        original = self.store.get(request.key)
+        if self._not_modified(resp, if_none_match, original.digest, fingerprint, request, token):
             return
         rendition = self.offload(
             lambda: self.pipeline.render(
-                original.data, original.digest, request.preset, accepts_webp=webp, forced_format=request.format
+                original.data, original.digest, request.preset, negotiated=token, forced_format=request.format
             )
         )
         resp.content_type = rendition.content_type
         resp.data = rendition.body
+
+    @staticmethod
+    def _not_modified(
+        resp: falcon.Response,
+        if_none_match: str | None,
+        digest: str,
+        fingerprint: str,
+        request: ImageRequest,
+        token: str,
+    ) -> bool:
+        """Set the ETag; answer 304 (and say so) when the client already holds this rendition."""
+        etag = rendition_etag(digest, fingerprint, request.format, token)
+        resp.set_header("ETag", etag)
+        if not etag_matches(if_none_match, etag):
+            return False
+        resp.status = falcon.HTTP_304
+        return True
 
 
 class _Status(PhizerError):
@@ -117,7 +109,7 @@ def create_app(
     if store is None:
         cache = None
         if config.memcached.servers:
-            cache = MemcachedOriginals(config.memcached, config.limits.memcached_timeout)
+            cache = MemcachedOriginals(config.memcached, config.limits, origins_namespace(config.origins))
         store = OriginalStore(OriginChain([make_origin(url, config) for url in config.origins]), cache)
     pipeline = pipeline or Pipeline(config.encoding, config.limits)
     offload = offload or make_offload(config.render_threads)
@@ -150,14 +142,19 @@ def create_app(
         if instance:
             resp.set_header("X-Phizer-Instance", instance)
 
+    def on_falcon_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError, params: Any) -> None:
+        """Falcon's own errors (a method a route lacks, a malformed header...): same one-line body, same status."""
+        for name, value in (exc.headers or {}).items():
+            resp.set_header(name, value)
+        reason = f"{exc.title}: {exc.description}" if exc.description else (exc.title or "error")
+        on_phizer_error(req, resp, _Status(int(exc.status_code), reason.lower()), params)
+
     def on_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: Any) -> None:
-        if isinstance(exc, falcon.HTTPError):  # Falcon's own (e.g. an unroutable path): keep the status
-            on_phizer_error(req, resp, _Status(int(exc.status_code), exc.title or "error"), params)
-            return
         log.exception("unexpected error serving %s", req.path)
         on_phizer_error(req, resp, _Status(500, "internal error"), params)
 
     app.add_error_handler(Exception, on_unexpected)
+    app.add_error_handler(falcon.HTTPError, on_falcon_error)
     app.add_error_handler(PhizerError, on_phizer_error)
     return app
 

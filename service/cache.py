@@ -8,6 +8,10 @@ from the origin, paying at most a short timeout.
 Originals are stored in chunks below memcached's default 1 MiB item limit, so phone photos (3-10 MB) are cached
 without depending on the server's ``-I`` setting: a head item names the chunks, and a read that misses any chunk
 is a miss (an evicted chunk can never yield a truncated original).
+
+memcached is shared and unauthenticated, so nothing read back is trusted blindly: keys carry a namespace per
+origin set (deployments reading different origins never see each other's originals), a head item that ``set``
+could not have written is a miss before anything is allocated for it, and a joined original must match its digest.
 """
 
 from __future__ import annotations
@@ -15,33 +19,69 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from service.config import MemcachedOptions
-from service.origins import Original
+from service.config import Limits, MemcachedOptions
+from service.origins import DIGEST_CHARS, Original, content_digest
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "phz1:"  # bump when the stored layout changes
+KEY_PREFIX = "phz2:"  # bump when the stored layout changes
+NAMESPACE = re.compile(r"[0-9A-Za-z_-]{1,64}")
+# digest:size:count, as ``set`` writes it; 15 digits bound the numbers before int() sees them.
+HEAD_FORMAT = re.compile(rb"([0-9a-f]{%d}):([0-9]{1,15}):([0-9]{1,15})" % DIGEST_CHARS)
 
 
 class OriginalFetcher(Protocol):
     def fetch(self, key: str) -> Original: ...
 
 
-def cache_key(key: str) -> str:
+def origins_namespace(origins: Sequence[str]) -> str:
+    """The originals' namespace in memcached for a deployment: a short hash of its ordered origin URLs.
+
+    Deployments that share a pool but read different origins (or the same ones in another order: the first hit
+    wins) may hold different originals under one key; each must read back only what it could have fetched itself.
+    """
+    return hashlib.blake2b("\0".join(origins).encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def cache_key(namespace: str, key: str) -> str:
     """A memcached-safe key: object keys may be 1 KiB with spaces; memcached allows 250 bytes, no spaces."""
-    return KEY_PREFIX + hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()
+    return f"{KEY_PREFIX}{namespace}:{digest}"
+
+
+def chunk_keys(head_key: str, digest: str, count: int) -> list[str]:
+    """The chunks' keys name the content: a head rewritten for new content never points at stale chunks."""
+    return [f"{head_key}:{digest[:16]}:{i}" for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Head:
+    """What a head item says of an original: its digest, its size in bytes and the number of chunks holding it."""
+
+    digest: str
+    size: int
+    count: int
 
 
 class MemcachedOriginals:
-    """Originals in memcached, chunked; every failure is logged and treated as a miss."""
+    """Originals in memcached, chunked, under ``namespace``; every failure is logged and treated as a miss.
 
-    def __init__(self, options: MemcachedOptions, timeout: float) -> None:
+    ``limits`` gives the timeout of every memcached call and the largest original a head may announce.
+    """
+
+    def __init__(self, options: MemcachedOptions, limits: Limits, namespace: str) -> None:
+        if not NAMESPACE.fullmatch(namespace):  # else every key would be refused and every read quietly miss
+            raise ValueError(f"memcached namespace must match {NAMESPACE.pattern}, got {namespace!r}")
         self.options = options
-        self.timeout = timeout
+        self.timeout = limits.memcached_timeout
+        self.max_original_bytes = limits.max_original_bytes
+        self.namespace = namespace
 
     @functools.cached_property
     def client(self) -> Any:
@@ -64,34 +104,58 @@ class MemcachedOriginals:
         )
 
     def get(self, key: str) -> Original | None:
-        head_key = cache_key(key)
+        head_key = cache_key(self.namespace, key)
         try:
-            head = self.client.get(head_key)
-            if not head:
+            head = self._head(head_key)
+            if head is None:
                 return None
-            digest, size_text, count_text = head.decode("ascii").split(":")
-            size, count = int(size_text), int(count_text)
-            names = [f"{head_key}:{digest[:16]}:{i}" for i in range(count)]
+            names = chunk_keys(head_key, head.digest, head.count)
             chunks = self.client.get_many(names)
         except Exception as exc:  # memcached must never fail a request
             log.warning("memcached get failed: %s", exc)
             return None
-        if len(chunks) != count:
+        if len(chunks) != head.count:  # a chunk was evicted: an ordinary miss
+            return None
+        if sum(len(chunk) for chunk in chunks.values()) != head.size:  # checked before the join allocates
+            log.warning("memcached chunks of %r do not add up to their head's size: a miss", key)
             return None
         data = b"".join(chunks[name] for name in names)
-        if len(data) != size:
+        if content_digest(data) != head.digest:
+            log.warning("memcached original %r does not match its digest: a miss", key)
             return None
-        return Original(data=data, digest=digest)
+        return Original(data=data, digest=head.digest)
+
+    def digest(self, key: str) -> str | None:
+        """The cached original's digest, from its head item alone: enough to answer If-None-Match with a 304
+        without moving megabytes. None on a miss."""
+        try:
+            head = self._head(cache_key(self.namespace, key))
+        except Exception as exc:  # memcached must never fail a request
+            log.warning("memcached get failed: %s", exc)
+            return None
+        return head.digest if head is not None else None
+
+    def _head(self, head_key: str) -> Head | None:
+        """Read and check a head item; one that ``set`` could not have written (garbage, a size over the limit, a
+        chunk count that does not fit the size) is a miss before anything is allocated or fetched for it."""
+        raw = self.client.get(head_key)
+        if raw is None:
+            return None
+        match = HEAD_FORMAT.fullmatch(raw)
+        if match is not None:
+            size, count = int(match[2]), int(match[3])
+            if size <= self.max_original_bytes and count == -(-size // self.options.chunk_bytes):
+                return Head(digest=match[1].decode("ascii"), size=size, count=count)
+        log.warning("memcached head %s is malformed: a miss", head_key)
+        return None
 
     def set(self, key: str, original: Original) -> None:
-        head_key = cache_key(key)
+        head_key = cache_key(self.namespace, key)
         step = self.options.chunk_bytes
         data = memoryview(original.data)
-        items = {
-            f"{head_key}:{original.digest[:16]}:{i}": bytes(data[offset : offset + step])
-            for i, offset in enumerate(range(0, len(data), step))
-        }
-        head = f"{original.digest}:{len(data)}:{len(items)}".encode("ascii")
+        parts = [bytes(data[offset : offset + step]) for offset in range(0, len(data), step)]
+        items = dict(zip(chunk_keys(head_key, original.digest, len(parts)), parts, strict=True))
+        head = f"{original.digest}:{len(data)}:{len(parts)}".encode("ascii")
         try:
             # Chunks first, head last: a reader that finds the head finds the chunks.
             self.client.set_many(items, expire=self.options.expire, noreply=False)
@@ -157,6 +221,11 @@ class OriginalStore:
 
     def get(self, key: str) -> Original:
         return self.flight.do(key, lambda: self._load(key))
+
+    def digest(self, key: str) -> str | None:
+        """The original's digest if memcached has it, else None (also without a cache): the origins are never
+        asked, so a conditional request costs one small memcached read at most."""
+        return self.cache.digest(key) if self.cache is not None else None
 
     def _load(self, key: str) -> Original:
         if self.cache is not None:

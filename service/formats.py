@@ -1,23 +1,26 @@
-"""Output formats: which one a request gets, and how each is encoded.
+"""Output formats: which one a rendition gets, and with which encoder settings.
 
-A preset's "auto" format is negotiated from one bit, "the client accepts WebP" (service/app.py reads it from
-Accept; nginx's cache key holds the same bit as a token), so the response varies on Accept only through it.
+Decisions only, no pixels: the pipeline (service/pipeline.py) calls ``choose_format`` once per render and hands
+``save_options`` to its single encode step. The request-side half of negotiation (which token an Accept header
+earns) is a URL rule, shared with nginx, and lives in service/presets.py.
 """
 
 from __future__ import annotations
 
-import io
-
 from PIL import ExifTags, Image
 
 from service.config import Encoding
-from service.presets import Preset
 
-# Pillow plugin name -> our format name. Only these decoders are ever tried: Pillow can open dozens of formats
-# (EPS would even run Ghostscript), and each one is attack surface the service does not need.
-SOURCE_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
-SAVE_FORMATS = {fmt: name for name, fmt in SOURCE_FORMATS.items()}
+# The only Pillow decoders ever tried: Pillow can open dozens of formats (EPS would even run Ghostscript), and
+# each one is attack surface the service does not need.
+DECODERS = ("JPEG", "PNG", "WEBP", "GIF")
+# Pillow's label of an opened image -> our format name. The JPEG decoder labels a JPEG that carries further
+# images (MPO: phones' portrait and 3D modes, some cameras) "MPO": it is served as the JPEG it starts with.
+SOURCE_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
+SAVE_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif"}
+# Sources whose extra frames are an animation (an MPO's extra frames are other pictures, not frames).
+ANIMATED_SOURCES = ("GIF", "WEBP", "PNG")
 ANIMATED_OUTPUTS = ("gif", "webp")
 
 ORIENTATION_TAG = 0x0112
@@ -25,28 +28,23 @@ EXIF_TAG_IDS = {name.lower(): int(tag) for name, tag in ExifTags.Base.__members_
 
 
 def choose_format(
-    source_format: str, has_alpha: bool, animated: bool, preset_format: str, forced: str | None, accepts_webp: bool
+    source_format: str, has_alpha: bool, animated: bool, preset_format: str, forced: str | None, negotiated: str
 ) -> str:
     """The output format: URL-forced, else the preset's, else the source's ("source"), else negotiated ("auto").
 
-    "auto" gives WebP to browsers that accept it; others get GIF for animations, PNG when transparency matters
-    and JPEG for everything else.
+    "auto" gives the negotiated format (the request's token, e.g. WebP) to browsers that accept it; others get
+    GIF for animations, PNG when transparency matters and JPEG for everything else.
     """
     chosen = forced or preset_format
     if chosen == "source":
         return source_format
     if chosen != "auto":
         return chosen
-    if accepts_webp:
-        return "webp"
+    if negotiated:
+        return negotiated
     if animated:
         return "gif"
     return "png" if has_alpha else "jpeg"
-
-
-def varies_on_accept(preset: Preset, forced_format: str | None) -> bool:
-    """Whether the output format (hence the response) depends on the Accept header: only "auto" negotiates."""
-    return forced_format is None and preset.format == "auto"
 
 
 def kept_exif(source: Image.Exif, keep: tuple[str, ...]) -> bytes | None:
@@ -59,9 +57,10 @@ def kept_exif(source: Image.Exif, keep: tuple[str, ...]) -> bytes | None:
     return exif.tobytes() if len(exif) else None
 
 
-def save_options(fmt: str, quality: int, pixels: int, encoding: Encoding) -> dict[str, object]:
-    """Encoder settings per output format. ``icc_profile=None`` because Pillow's PNG encoder would otherwise
-    re-embed the profile that littleCMS left in ``im.info`` (we convert to sRGB and drop it)."""
+def save_options(fmt: str, quality: int, pixels: int, encoding: Encoding, exif: bytes | None) -> dict[str, object]:
+    """Encoder settings for one output. ``icc_profile=None`` because Pillow's PNG encoder would otherwise
+    re-embed the profile that littleCMS left in ``im.info`` (we convert to sRGB and drop it); only the
+    metadata passed in ``exif`` is written (never the orientation)."""
     options: dict[str, object] = {"icc_profile": None}
     if fmt == "jpeg":
         options.update(quality=quality, optimize=True, progressive=pixels >= encoding.progressive_min_pixels)
@@ -69,14 +68,8 @@ def save_options(fmt: str, quality: int, pixels: int, encoding: Encoding) -> dic
         options.update(compress_level=encoding.png_compress_level)
     elif fmt == "webp":
         options.update(quality=quality, method=encoding.webp_method)
-    return options
-
-
-def encode(im: Image.Image, fmt: str, quality: int, encoding: Encoding, exif: bytes | None) -> bytes:
-    """Encode one still image; only the metadata passed in ``exif`` is written (no ICC, no orientation)."""
-    options = save_options(fmt, quality, im.width * im.height, encoding)
+    elif fmt == "gif":
+        options.update(disposal=2)  # every frame we write is complete: clear before drawing the next
     if exif and fmt != "gif":
         options["exif"] = exif
-    out = io.BytesIO()
-    im.save(out, SAVE_FORMATS[fmt], **options)
-    return out.getvalue()
+    return options

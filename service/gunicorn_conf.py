@@ -15,6 +15,9 @@ preload_app = False
 timeout = int(os.environ.get("PHIZER_WORKER_TIMEOUT", "60"))  # a worker stuck in CPU this long is restarted
 graceful_timeout = 10
 keepalive = 75  # nginx keeps upstream connections open; do not close them under it
+# No request-line limit of gunicorn's own: nginx already bounds it (8 KiB), but re-escapes the URI it forwards (up
+# to 3x longer), and gunicorn's refusal would be an HTML page. An over-long key gets the app's one-line 400.
+limit_request_line = 0
 # Several instances per host: each must have its own control socket, or they fight over one.
 control_socket_disable = True
 accesslog = None  # nginx logs every request; the app logs only errors

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from service.config import REPO_ROOT, load_config
-from service.nginx_conf import render_nginx_conf
+from service.nginx_conf import config_vars, render_nginx_conf
 from service.procs import Process, free_port, http_ready, tcp_ready
 
 GUNICORN_CONF = REPO_ROOT / "service" / "gunicorn_conf.py"
@@ -181,10 +181,10 @@ class Stack:
         conf = self.state_dir / "nginx.conf"
         conf.write_text(
             render_nginx_conf(
+                **config_vars(self.config),
                 state_dir=str(self.state_dir),
                 listen=f"{self.host}:{self.port}",
                 upstreams=[f"unix:{self.socket_path(i)}" for i in range(self.instance_count)],
-                presets=list(self.config.presets),
                 # As root, workers run as root too: the state folder (often a 0700 temp folder in tests)
                 # belongs to the invoking user; a deployment (Ansible) sets its own unprivileged user.
                 user=pwd.getpwuid(os.geteuid()).pw_name if os.geteuid() == 0 else "",

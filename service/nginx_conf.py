@@ -1,16 +1,38 @@
-"""Rendering nginx/nginx.conf.j2, the one nginx configuration, from Python (launcher, tests).
+"""Rendering nginx/nginx.conf.j2, the one nginx configuration, from Python (launcher, tests) and for Ansible.
 
-Ansible renders the same file with its template module; this does it the same way (trim_blocks on), so a
-variable or filter that works here works there.
+nginx must apply the app's URL rules (which part of the path is the key, which format token a request gets)
+and key its cache on the renditions' identity. Those come from the Python definitions (service/presets.py,
+service/identity.py) as template variables, built by ``config_vars``: the rules are never written twice.
+The launcher renders the template here; Ansible renders the same file with its template module, taking the same
+variables from ``python -m service.nginx_conf --config FILE`` run on the host (JSON on stdout), so a variable or
+filter that works here works there.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
+from typing import Any
+
 import jinja2
 
-from service.config import REPO_ROOT
+from service.config import REPO_ROOT, Config, load_config
+from service.identity import preset_fingerprints
+from service.presets import NEGOTIATED, SUFFIX_PATTERN
 
 TEMPLATE = REPO_ROOT / "nginx" / "nginx.conf.j2"
+
+
+def config_vars(config: Config) -> dict[str, Any]:
+    """The template variables that follow from phizer's config: presets, URL rules and cache fingerprints."""
+    return {
+        "presets": list(config.presets),
+        "fingerprints": preset_fingerprints(config),
+        "negotiating": [name for name, preset in config.presets.items() if preset.format == "auto"],
+        "suffix_pattern": SUFFIX_PATTERN if config.encoding.url_format_suffix else "",
+        "negotiated": [[token, media_type, re.escape(media_type)] for token, media_type in NEGOTIATED],
+    }
 
 
 def render_nginx_conf(**variables: object) -> str:
@@ -23,3 +45,13 @@ def render_nginx_conf(**variables: object) -> str:
         autoescape=False,
     )
     return env.get_template(TEMPLATE.name).render(**variables)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Print the nginx template variables derived from a phizer config.")
+    parser.add_argument("--config", help="config file (default: $PHIZER_CONFIG, else the bundled default)")
+    print(json.dumps(config_vars(load_config(parser.parse_args().config)), indent=1))
+
+
+if __name__ == "__main__":
+    main()

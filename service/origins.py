@@ -20,12 +20,21 @@ from typing import Any, Protocol
 
 import urllib3
 
-from service.config import Config, Limits
+from service.config import Config, ConfigError, Limits
 from service.errors import BadGateway, GatewayTimeout, NotFound, TooLarge
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
+DIGEST_CHARS = 32  # hex characters of SHA-256 kept: 128 bits
+
+
+def content_digest(data: bytes) -> str:
+    """An original's identity, for ETags and caches; the one place it is computed, so every check agrees.
+
+    SHA-256: OpenSSL's SHA extensions hash a 4 MB photo in 3 ms, blake2b takes 7.
+    """
+    return hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
 
 
 @dataclass(frozen=True)
@@ -37,8 +46,7 @@ class Original:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Original:
-        # SHA-256 (128 bits kept): OpenSSL's SHA extensions hash a 4 MB photo in 3 ms, blake2b takes 7.
-        return cls(data=data, digest=hashlib.sha256(data).hexdigest()[:32])
+        return cls(data=data, digest=content_digest(data))
 
 
 class OriginFailure(Exception):
@@ -156,13 +164,22 @@ class HttpOrigin:
 
 
 class S3Origin:
-    """A bucket (and key prefix) in S3 or any S3-compatible store; endpoint and credentials from boto3's chain."""
+    """A bucket (and key prefix) in S3 or any S3-compatible store; endpoint and credentials from boto3's chain.
+
+    ``s3://bucket/prefix?forbidden=missing`` reads S3's 403 AccessDenied as "not here": a reader granted
+    s3:GetObject without s3:ListBucket gets 403, not 404, for a key that does not exist, and would otherwise turn
+    every missing key into a 502. Only AccessDenied is read so: bad credentials (InvalidAccessKeyId,
+    SignatureDoesNotMatch...) stay failures, or a broken deployment would answer cacheable 404s for everything.
+    The default, ``forbidden=failure``, keeps a 403 a failure (502), so a permissions mistake does not pass for
+    missing files.
+    """
 
     def __init__(self, url: str, limits: Limits, max_pool_connections: int) -> None:
         parts = urllib.parse.urlsplit(url)
         self.url = url
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
+        self.forbidden_is_missing = _forbidden_is_missing(url, parts.query)
         self.limits = limits
         self.max_pool_connections = max_pool_connections
 
@@ -197,7 +214,7 @@ class S3Origin:
             )
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
+            if code in ("NoSuchKey", "404", "NotFound") or (code == "AccessDenied" and self.forbidden_is_missing):
                 return None
             raise OriginFailure(f"{self.url}: {code or exc}") from exc
         except (ConnectTimeoutError, ReadTimeoutError) as exc:
@@ -206,8 +223,17 @@ class S3Origin:
             raise OriginFailure(f"{self.url}: {exc}") from exc
 
 
+def _forbidden_is_missing(url: str, query: str) -> bool:
+    """Read an s3 URL's options. Anything but one ``forbidden=failure|missing`` is a ConfigError: a misspelt
+    option silently ignored would leave the default in force with the operator none the wiser."""
+    options = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if len(options) > 1 or any(name != "forbidden" or value not in ("failure", "missing") for name, value in options):
+        raise ConfigError(f"{url}: s3 origins take one option, forbidden=failure or forbidden=missing; got {query!r}")
+    return options == [("forbidden", "missing")]
+
+
 def make_origin(url: str, config: Config) -> Origin:
-    """Build the origin an URL names (the scheme picks the kind)."""
+    """Build the origin an URL names (the scheme picks the kind); raises ConfigError for options it does not know."""
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme == "s3":
         return S3Origin(url, config.limits, config.s3_max_pool_connections)

@@ -1,11 +1,17 @@
 """The image pipeline: one original plus one preset in, one encoded rendition out.
 
-Modelled on imgproxy's processing/pipeline.go: ``Pipeline.render`` is a short, explicit sequence of small named
-steps (open -> load -> normalise_mode -> resize -> orient -> to_srgb -> flatten -> encode), so a reader can see
-what happens to every pixel and in which order. Speed is the product, so the order is chosen for it:
+Modelled on imgproxy's processing/pipeline.go: ``Pipeline.render`` builds one ``RenderContext`` from the
+original's header (``plan``), then runs a short, explicit sequence of small named steps on it:
+
+    still:     decode (or reuse an intermediate) -> crop_resize -> orient -> to_srgb -> choose_output -> flatten
+               -> encode
+    animation: choose_output -> every frame: crop_resize -> orient -> to_srgb -> encode
+
+so a reader sees what happens to every pixel and in which order, and the output format is decided in one place
+(``choose_output``), once per render. Speed is the product, so the order is chosen for it:
 
 - JPEGs are always decoded with ``Image.draft`` (DCT scaling on load, 3-6x faster than a full decode) to a size
-  still at least ``DRAFT_GAP`` times the output, then ``reduce()`` + LANCZOS finish the job (``REDUCING_GAP``).
+  still at least ``DRAFT_GAP`` times the output, then ``reduce()`` + LANCZOS finish the job.
 - Orientation and the ICC conversion run *after* the resize, on the small image: a centred crop commutes with
   the eight EXIF flips/rotations, and the colour transform is per pixel, so doing them last is exact for
   orientation and within a fraction of a ΔE for colour (tests/test_fidelity.py measures it), at a fraction of
@@ -14,15 +20,16 @@ what happens to every pixel and in which order. Speed is the product, so the ord
   converted to sRGB with littleCMS and then *dropped*: untagged images are sRGB on the web, and dropping saves
   the bytes of a profile in every thumbnail. Grayscale stays grayscale (a gray profile is dropped unconverted).
   CMYK without a profile falls back to Pillow's naive conversion, as there is no CMYK profile to assume.
-- Intermediates: nginx pins every preset of one original to one instance, so each instance keeps a small LRU
-  (``limits.intermediate_cache_bytes``) of decoded, shrunk-on-load originals by digest: a preset that needs no
-  more pixels than the kept one resizes from it; a bigger one decodes again and replaces it. Decoding for the
-  largest preset up front was measured (bench B2/B3) and lost: most pages ask one preset of many originals,
-  and concurrent renders of one original would each pay the biggest decode before any was kept.
+- Intermediates (service/intermediates.py): each instance keeps a small LRU of decoded, shrunk-on-load originals
+  by digest; a preset that needs no more pixels than the kept one resizes from it.
+
+Concurrency: renders run on several native threads at once. Everything a render changes is its own (the opened
+file, every image from ``crop_resize`` on, the context); what is shared is read-only (kept intermediates, cached
+colour transforms, the settings).
 
 Errors: anything that is not a JPEG/PNG/WebP/GIF is ``UnsupportedMedia``; a corrupt or truncated file is
 ``Unprocessable`` (never a half-decoded image); too many pixels, checked from the header before decoding, is
-``TooLarge``. AVIF is not offered: bookworm's libavif (0.11) is too old for pillow-simd's AVIF plugin.
+``TooLarge``. Only errors raised inside Pillow count as the file's fault: a bug of ours stays a logged 500.
 """
 
 from __future__ import annotations
@@ -31,22 +38,26 @@ import dataclasses
 import functools
 import io
 import math
+import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 
+import PIL
 from PIL import Image, ImageCms, ImageColor, ImageFile, ImageSequence
 
 from service.config import Encoding, Limits
 from service.errors import TooLarge, Unprocessable, UnsupportedMedia
 from service.formats import (
     ANIMATED_OUTPUTS,
+    ANIMATED_SOURCES,
     CONTENT_TYPES,
+    DECODERS,
     ORIENTATION_TAG,
     SAVE_FORMATS,
     SOURCE_FORMATS,
     choose_format,
-    encode,
     kept_exif,
     save_options,
 )
@@ -56,10 +67,6 @@ from service.presets import Preset
 
 # A truncated file must fail, never come out with a grey bottom half (this is Pillow's default; made explicit).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-# resize() first box-reduces by an integer factor while the remaining LANCZOS scale stays >= this (Pillow: 3.0
-# is practically indistinguishable from a plain LANCZOS resize).
-REDUCING_GAP = 3.0
 
 # EXIF orientation -> the transposition that makes the image upright (2..8; 1 is upright).
 TRANSPOSES = {
@@ -72,6 +79,7 @@ TRANSPOSES = {
     8: Image.Transpose.ROTATE_90,
 }
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+PIL_DIR = os.path.dirname(PIL.__file__) + os.sep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +93,42 @@ class Rendition:
     height: int
 
 
+@dataclasses.dataclass
+class RenderContext:
+    """One render, from the opened original to the encoded bytes. Owned by one render thread."""
+
+    preset: Preset
+    forced_format: str | None  # from a URL suffix
+    negotiated: str  # the request's format token ("webp" or ""), see service/presets.py
+    source: Image.Image  # opened, header read, not yet decoded: this render's own file object
+    source_format: str  # "jpeg" | "png" | "webp" | "gif"
+    orientation: int
+    layout: Layout
+    icc: bytes | None
+    exif: bytes | None  # the EXIF block the output keeps (config's keep_metadata), never the orientation
+    frames: int  # > 0: served as an animation of this many frames
+    format: str = ""  # decided once, by choose_output
+
+
 # -------------------------------------------------------------------------------------------------------- steps
+
+
+def _raised_by_pillow(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside Pillow (the file's fault), not in our own code (a bug)."""
+    tb: TracebackType | None = exc.__traceback__
+    last = tb
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and last.tb_frame.f_code.co_filename.startswith(PIL_DIR)
 
 
 @contextmanager
 def decoding() -> Iterator[None]:
-    """Map Pillow's many ways of failing on bad bytes to the service's client errors (never a 500)."""
+    """Map Pillow's many ways of failing on bad bytes to the service's client errors (never a 500).
+
+    Only errors raised inside Pillow are the file's fault; the same exception types raised by our own code are
+    bugs and propagate (a logged 500), never disguised as "corrupt image".
+    """
     try:
         yield
     except Image.DecompressionBombError as exc:
@@ -98,13 +136,15 @@ def decoding() -> Iterator[None]:
     except Image.UnidentifiedImageError as exc:
         raise UnsupportedMedia("not an image, or not JPEG, PNG, WebP or GIF") from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError) as exc:
+        if not _raised_by_pillow(exc):
+            raise
         raise Unprocessable(f"corrupt or truncated image: {exc}") from exc
 
 
 def open_image(data: bytes, limits: Limits) -> Image.Image:
     """Read the header only, and refuse an oversized image before a single pixel is decoded."""
     with decoding():
-        im = Image.open(io.BytesIO(data), formats=tuple(SOURCE_FORMATS))
+        im = Image.open(io.BytesIO(data), formats=DECODERS)
     width, height = im.size
     if width * height > limits.max_pixels:
         raise TooLarge(f"image has {width}x{height} pixels, more than the limit of {limits.max_pixels}")
@@ -131,14 +171,26 @@ def exif_orientation(exif: Image.Exif) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def load(im: Image.Image, target: tuple[int, int]) -> tuple[Image.Image, float]:
+def animation_frames(im: Image.Image, limits: Limits, encoding: Encoding) -> int:
+    """The number of frames to keep animated: 0 when the original is a still or must be served as one."""
+    if not encoding.animation or im.format not in ANIMATED_SOURCES or not getattr(im, "is_animated", False):
+        return 0
+    with decoding():
+        frames = im.n_frames
+    if frames > limits.max_frames or frames * im.width * im.height > limits.max_animation_pixels:
+        return 0
+    return frames
+
+
+def load(ctx: RenderContext) -> Intermediate:
     """Decode the pixels, shrinking on load where the decoder can (JPEG DCT scaling, sized by ``DRAFT_GAP``).
 
-    ``target`` is the size the whole (uncropped) raw image would be scaled to. Returns the decoded image and the
-    factor by which draft shrank it (1.0 without), so crop coordinates can be mapped into it exactly.
+    The result remembers the factor by which draft shrank it (1.0 without), so crop coordinates can be mapped
+    into it exactly.
     """
+    im, target = ctx.source, ctx.layout.decode_size
     scale = 1.0
-    if im.format == "JPEG" and target[0] * DRAFT_GAP < im.width and target[1] * DRAFT_GAP < im.height:
+    if ctx.source_format == "jpeg" and target[0] * DRAFT_GAP < im.width and target[1] * DRAFT_GAP < im.height:
         width = im.width
         want = (math.ceil(target[0] * DRAFT_GAP), math.ceil(target[1] * DRAFT_GAP))
         drafted = im.draft(im.mode, want)
@@ -146,7 +198,17 @@ def load(im: Image.Image, target: tuple[int, int]) -> tuple[Image.Image, float]:
             scale = width / drafted[1][2]
     with decoding():
         im.load()
-    return im, scale
+    return Intermediate(normalise_mode(im), scale)
+
+
+def reduced(intermediate: Intermediate, target: tuple[int, int]) -> Intermediate:
+    """An intermediate to keep: without draft (PNG, WebP, GIF), reduced by an integer factor to about
+    ``DRAFT_GAP`` times ``target``, like a drafted JPEG (less memory kept, less work for each preset)."""
+    width, height = intermediate.size
+    factor = int(min(width / (target[0] * DRAFT_GAP), height / (target[1] * DRAFT_GAP)))
+    if intermediate.scale != 1 or factor < 2:
+        return intermediate
+    return Intermediate(intermediate.reduce(factor), float(factor))
 
 
 def normalise_mode(im: Image.Image) -> Image.Image:
@@ -167,22 +229,22 @@ def normalise_mode(im: Image.Image) -> Image.Image:
     return im.convert("RGBA" if "A" in mode else "RGB")
 
 
-def resize(im: Image.Image, size: tuple[int, int], box: tuple[float, float, float, float]) -> Image.Image:
-    """Crop ``box`` (in ``im``'s coordinates) and scale it to ``size`` in one pass: reduce() then LANCZOS."""
-    if im.size == size and box == (0, 0, im.width, im.height):
-        return im
-    return im.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
+def crop_resize(source: Intermediate, lay: Layout) -> Image.Image:
+    """The preset's region of the original at the output size (before orientation): a new image of our own."""
+    with decoding():
+        return source.region(lay.raw_size, lay.box)
 
 
 def orient(im: Image.Image, orientation: int) -> Image.Image:
-    """Apply the EXIF orientation; the tag itself is never written to the output (see encode)."""
+    """Apply the EXIF orientation; the tag itself is never written to the output (see formats.save_options)."""
     transpose = TRANSPOSES.get(orientation)
     return im if transpose is None else im.transpose(transpose)
 
 
 @functools.lru_cache(maxsize=32)
 def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """A littleCMS transform from an embedded profile to sRGB (cached: building one costs more than using it)."""
+    """A littleCMS transform from an embedded profile to sRGB (cached: building one costs more than using it;
+    littleCMS transforms are safe to apply from several threads at once)."""
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         space = profile.profile.xcolor_space.strip()
@@ -207,6 +269,14 @@ def has_transparency(im: Image.Image) -> bool:
     return im.mode in ("LA", "RGBA") and im.getchannel("A").getextrema()[0] < 255
 
 
+def choose_output(ctx: RenderContext, transparent: bool) -> str:
+    """Decide the output format, once per render (see formats.choose_format for the rules)."""
+    ctx.format = choose_format(
+        ctx.source_format, transparent, ctx.frames > 0, ctx.preset.format, ctx.forced_format, ctx.negotiated
+    )
+    return ctx.format
+
+
 def flatten(im: Image.Image, fmt: str, transparent: bool, background: str) -> Image.Image:
     """Composite alpha onto ``background`` when the output has no alpha; drop an alpha that carries nothing."""
     if im.mode not in ("LA", "RGBA") or (transparent and fmt in ("png", "webp", "gif")):
@@ -219,30 +289,18 @@ def flatten(im: Image.Image, fmt: str, transparent: bool, background: str) -> Im
     return base
 
 
-def animation_frames(im: Image.Image, limits: Limits, encoding: Encoding) -> int:
-    """The number of frames to keep animated: 0 when the original is a still or must be served as one."""
-    if not encoding.animation or not getattr(im, "is_animated", False):
-        return 0
-    with decoding():
-        frames = im.n_frames
-    if frames > limits.max_frames or frames * im.width * im.height > limits.max_animation_pixels:
-        return 0
-    return frames
+def encode(ctx: RenderContext, frames: list[Image.Image], encoding: Encoding, **extra: object) -> Rendition:
+    """Encode this render's own image(s) in ``ctx.format``: the one place a rendition's bytes are written."""
+    out_w, out_h = ctx.layout.out_size
+    options = save_options(ctx.format, ctx.preset.quality_for(ctx.format), out_w * out_h, encoding, ctx.exif)
+    if len(frames) > 1:
+        options.update(save_all=True, append_images=frames[1:], **extra)
+    out = io.BytesIO()
+    frames[0].save(out, SAVE_FORMATS[ctx.format], **options)
+    return Rendition(out.getvalue(), ctx.format, CONTENT_TYPES[ctx.format], out_w, out_h)
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What the header tells about one original and one preset, before any pixel is decoded."""
-
-    image: Image.Image  # opened, not yet decoded
-    source_format: str
-    orientation: int
-    layout: Layout
-    icc: bytes | None
-    exif: Image.Exif
 
 
 class Pipeline:
@@ -259,92 +317,68 @@ class Pipeline:
         digest: str,
         preset: Preset,
         *,
-        accepts_webp: bool = False,
+        negotiated: str = "",
         forced_format: str | None = None,
     ) -> Rendition:
-        """Render ``data`` (the original, whose content hash is ``digest``) at ``preset``."""
-        plan = self.plan(data, preset)
-        exif = kept_exif(plan.exif, self.encoding.keep_metadata)
-        out_size = plan.layout.out_size
-        if animation_frames(plan.image, self.limits, self.encoding):
-            fmt = choose_format(plan.source_format, True, True, preset.format, forced_format, accepts_webp)
-            if fmt in ANIMATED_OUTPUTS:
-                body = self.animation(plan, fmt, preset.quality_for(fmt))
-                return Rendition(body, fmt, CONTENT_TYPES[fmt], *out_size)
-        im = self.still(plan, digest)
-        transparent = has_transparency(im)
-        fmt = choose_format(plan.source_format, transparent, False, preset.format, forced_format, accepts_webp)
-        im = flatten(im, fmt, transparent, self.encoding.background)
-        body = encode(im, fmt, preset.quality_for(fmt), self.encoding, exif)
-        return Rendition(body, fmt, CONTENT_TYPES[fmt], *out_size)
+        """Render ``data`` (the original, whose content hash is ``digest``) at ``preset``.
 
-    def plan(self, data: bytes, preset: Preset) -> Plan:
+        ``negotiated`` is the request's format token (service/presets.py: "webp" when the client accepts it).
+        """
+        ctx = self.plan(data, preset, negotiated, forced_format)
+        if ctx.frames and choose_output(ctx, True) in ANIMATED_OUTPUTS:
+            return self.animation(ctx)
+        ctx.frames = 0  # an animation asked for as JPEG/PNG is a still of its first frame
+        im = self.still(ctx, digest)
+        transparent = has_transparency(im)
+        fmt = choose_output(ctx, transparent)
+        return encode(ctx, [flatten(im, fmt, transparent, self.encoding.background)], self.encoding)
+
+    def plan(
+        self, data: bytes, preset: Preset, negotiated: str = "", forced_format: str | None = None
+    ) -> RenderContext:
         """Open the original (header only, limits checked) and work out the geometry for ``preset``."""
         im = open_image(data, self.limits)
         exif = header_exif(im)
         orientation = exif_orientation(exif)
-        icc = im.info.get("icc_profile")
-        return Plan(im, SOURCE_FORMATS[im.format or ""], orientation, layout(im.size, orientation, preset), icc, exif)
+        return RenderContext(
+            preset=preset,
+            forced_format=forced_format,
+            negotiated=negotiated,
+            source=im,
+            source_format=SOURCE_FORMATS[im.format or ""],
+            orientation=orientation,
+            layout=layout(im.size, orientation, preset),
+            icc=im.info.get("icc_profile"),
+            exif=kept_exif(exif, self.encoding.keep_metadata),
+            frames=animation_frames(im, self.limits, self.encoding),
+        )
 
-    def still(self, plan: Plan, digest: str | None = None) -> Image.Image:
-        """Decode (or reuse an intermediate), resize, orient and convert to sRGB: ready to flatten and encode."""
-        intermediate = self.intermediate(plan, digest)
-        scale = intermediate.scale
-        left, top, right, bottom = plan.layout.box
-        box = (left / scale, top / scale, right / scale, bottom / scale)
-        with decoding():
-            im = resize(intermediate.image, plan.layout.raw_size, box)
-        im = orient(im, plan.orientation)
-        return to_srgb(im, plan.icc)
+    def still(self, ctx: RenderContext, digest: str | None) -> Image.Image:
+        """Decode (or reuse an intermediate), crop and resize, orient, convert to sRGB: ready to encode."""
+        im = crop_resize(self.intermediate(ctx, digest), ctx.layout)
+        return to_srgb(orient(im, ctx.orientation), ctx.icc)
 
-    def intermediate(self, plan: Plan, digest: str | None) -> Intermediate:
+    def intermediate(self, ctx: RenderContext, digest: str | None) -> Intermediate:
         """The decoded original at the size this preset needs (or a kept, bigger one).
 
         With a ``digest`` and a non-zero cache size, the result is kept for the original's next presets.
         """
-        cache = self.intermediates if digest is not None and self.intermediates.max_bytes > 0 else None
-        if cache is not None and digest is not None:
-            kept = cache.get(digest, plan.layout.decode_size)
-            if kept is not None:
-                return kept
-        target = plan.layout.decode_size
-        im, scale = load(plan.image, target)
-        im = normalise_mode(im)
-        if cache is None or digest is None:
-            return Intermediate(im, scale)
-        # Without draft (PNG, WebP), keep a reduced image: smaller, and what resize() would reduce to anyway.
-        # Otherwise a decoded PNG or GIF still holds the original's bytes (for further frames), which must not
-        # be kept as well: copy it. Decoded JPEGs and WebPs let go of their file, and a mode conversion has
-        # already made a new image: no copy needed (it cost 7% of a miss).
-        factor = int(min(im.width / (target[0] * DRAFT_GAP), im.height / (target[1] * DRAFT_GAP)))
-        if scale == 1 and factor >= 2:
-            im, scale = im.reduce(factor), float(factor)
-        elif im is plan.image and plan.source_format not in ("jpeg", "webp"):
-            im = im.copy()
-        intermediate = Intermediate(im, scale)
-        cache.put(digest, intermediate)
+        if digest is None or self.intermediates.max_bytes <= 0:
+            return load(ctx)
+        kept = self.intermediates.get(digest, ctx.layout.decode_size)
+        if kept is not None:
+            return kept
+        intermediate = reduced(load(ctx), ctx.layout.decode_size)
+        self.intermediates.put(digest, intermediate)
         return intermediate
 
-    def animation(self, plan: Plan, fmt: str, quality: int) -> bytes:
+    def animation(self, ctx: RenderContext) -> Rendition:
         """Resize every frame (GIF/WebP give each frame fully composited), keeping durations and loop count."""
         frames, durations = [], []
         with decoding():
-            for frame in ImageSequence.Iterator(plan.image):
+            for frame in ImageSequence.Iterator(ctx.source):
                 rgba = frame.convert("RGBA")  # loads the frame: only then does WebP fill in its duration
                 durations.append(frame.info.get("duration", 100))
-                still = resize(rgba, plan.layout.raw_size, plan.layout.box)
-                frames.append(to_srgb(orient(still, plan.orientation), plan.icc))
-        out = io.BytesIO()
-        options = save_options(fmt, quality, plan.layout.out_size[0] * plan.layout.out_size[1], self.encoding)
-        if fmt == "gif":
-            options["disposal"] = 2  # every frame is complete: clear before drawing the next
-        frames[0].save(
-            out,
-            SAVE_FORMATS[fmt],
-            save_all=True,
-            append_images=frames[1:],
-            duration=durations,
-            loop=plan.image.info.get("loop", 0),
-            **options,
-        )
-        return out.getvalue()
+                still = crop_resize(Intermediate(rgba, 1.0), ctx.layout)
+                frames.append(to_srgb(orient(still, ctx.orientation), ctx.icc))
+        return encode(ctx, frames, self.encoding, duration=durations, loop=ctx.source.info.get("loop", 0))

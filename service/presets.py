@@ -1,12 +1,17 @@
-"""Presets (the whitelist of renditions) and the parsing of public URLs ``/<preset>/<key>``.
+"""Presets (the whitelist of renditions) and the URL rules: ``/<preset>/<key>``, format suffixes, format tokens.
 
 Only configured presets are served, so a client cannot ask for arbitrary sizes and fill the caches. The
 URL grammar and every check of a client-supplied key live here, before any I/O happens.
+
+nginx must agree with these rules (its hash key picks the instance, its cache key the stored rendition), so the
+rules that nginx needs are data here, rendered into nginx's config by service/nginx_conf.py, never rewritten by
+hand: ``SUFFIX_PATTERN`` (a regex that Python's ``re`` and nginx's PCRE read alike) and ``NEGOTIATED``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +22,15 @@ FITS = ("contain", "cover")
 FORMATS = ("auto", "source", "jpeg", "png", "webp", "gif")
 # URL suffixes that force an output format (see parse_path).
 SUFFIX_FORMATS = {"webp": "webp", "jpg": "jpeg", "jpeg": "jpeg", "png": "png", "gif": "gif"}
+_EXTENSIONS = "|".join(sorted(SUFFIX_FORMATS))
+# A key with a format suffix: the suffix counts only after the key's own image extension, so neither
+# ``photo.webp`` nor ``storm_2.5mp.jpg`` is misread. Matched case-insensitively against the whole key.
+SUFFIX_PATTERN = rf"(?P<sfx_key>.*\.(?:{_EXTENSIONS}))\.(?P<sfx_ext>{_EXTENSIONS})"
+_SUFFIX_RE = re.compile(SUFFIX_PATTERN, re.IGNORECASE)
+# Formats an "auto" preset negotiates, in order of preference: the token, and the media type that earns it
+# when the request's Accept header contains it (case-insensitively). The token is all of Accept that a
+# rendition depends on: nginx keys its cache on it and forwards only its media type.
+NEGOTIATED = (("webp", "image/webp"),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +92,8 @@ def parse_path(
 ) -> ImageRequest:
     """Split ``/<preset>/<key>`` (already percent-decoded) into a preset and a checked key.
 
-    With ``format_suffix``, ``/<preset>/photo.jpg.webp`` asks for ``photo.jpg`` as WebP: the suffix is only
-    taken as a format when what remains itself ends in an image extension, so neither ``photo.webp`` nor
-    ``storm_2.5mp.jpg`` is misread. nginx's ``$phizer_key`` map applies the same rule.
+    With ``format_suffix``, ``/<preset>/photo.jpg.webp`` asks for ``photo.jpg`` as WebP (``SUFFIX_PATTERN``;
+    nginx's ``$phizer_key`` map applies the same pattern).
     """
     name, sep, key = path.lstrip("/").partition("/")
     preset = presets.get(name)
@@ -89,10 +102,20 @@ def parse_path(
     if not sep:
         raise BadRequest("missing key after the preset")
     fmt = None
-    if format_suffix:
-        stem, dot, ext = key.rpartition(".")
-        name = stem.rpartition("/")[2]
-        own_ext = name.rpartition(".")[2] if "." in name else ""
-        if dot and ext.lower() in SUFFIX_FORMATS and own_ext.lower() in SUFFIX_FORMATS:
-            key, fmt = stem, SUFFIX_FORMATS[ext.lower()]
+    suffixed = _SUFFIX_RE.fullmatch(key) if format_suffix else None
+    if suffixed:
+        key, fmt = suffixed["sfx_key"], SUFFIX_FORMATS[suffixed["sfx_ext"].lower()]
     return ImageRequest(preset=preset, key=check_key(key, max_key_bytes), format=fmt)
+
+
+def negotiates(request: ImageRequest) -> bool:
+    """Whether the output format (hence the response) depends on Accept: only "auto" without a suffix does."""
+    return request.format is None and request.preset.format == "auto"
+
+
+def format_token(request: ImageRequest, accept: str | None) -> str:
+    """The request's format token: the first ``NEGOTIATED`` format whose media type Accept lists, else ""."""
+    if not negotiates(request):
+        return ""
+    accept = (accept or "").lower()
+    return next((token for token, media_type in NEGOTIATED if media_type in accept), "")

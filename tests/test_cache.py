@@ -2,31 +2,148 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from service.cache import MemcachedOriginals, OriginalStore, SingleFlight, cache_key
-from service.config import MemcachedOptions
+import pytest
+from pymemcache.client.base import Client
+
+from service.cache import MemcachedOriginals, OriginalStore, SingleFlight, cache_key, chunk_keys, origins_namespace
+from service.config import Limits, MemcachedOptions
 from service.origins import Original
 from tests import support
 
+NAMESPACE = origins_namespace(["s3://tests/originals"])
+
+
+def _cache(server: str, namespace: str = NAMESPACE, **limits: Any) -> MemcachedOriginals:
+    """A cache on ``server``; ``limits`` override Limits' fields (with a 1 s memcached timeout unless given)."""
+    limits.setdefault("memcached_timeout", 1.0)
+    return MemcachedOriginals(MemcachedOptions(servers=(server,)), Limits(**limits), namespace)
+
+
+def _raw(server: str) -> Client:
+    """A plain client for writing what phizer never would: tampered chunks, forged heads."""
+    host, _, port = server.rpartition(":")
+    return Client((host, int(port)), connect_timeout=1, timeout=1)
+
 
 def test_large_original_round_trips_in_chunks(memcached_server: str) -> None:
-    cache = MemcachedOriginals(MemcachedOptions(servers=(memcached_server,)), timeout=1.0)
+    cache = _cache(memcached_server)
     original = Original.from_bytes(os.urandom(3_500_000))  # over memcached's default 1 MiB item limit
     assert cache.get("big.jpg") is None
     cache.set("big.jpg", original)
     assert cache.get("big.jpg") == original
     # A lost chunk (eviction) is a miss, never a truncated original.
-    cache.client.delete(f"{cache_key('big.jpg')}:{original.digest[:16]}:2")
+    cache.client.delete(chunk_keys(cache_key(NAMESPACE, "big.jpg"), original.digest, 4)[2])
     assert cache.get("big.jpg") is None
 
 
+def test_namespaces_keep_deployments_apart(memcached_server: str) -> None:
+    one, two = origins_namespace(["s3://one/originals"]), origins_namespace(["s3://two/originals"])
+    # The order counts too: the first origin that has a key wins, so another order may serve other bytes.
+    assert origins_namespace(["s3://a", "file:///b"]) != origins_namespace(["file:///b", "s3://a"])
+    first, second = Original.from_bytes(b"from one"), Original.from_bytes(b"from two")
+    _cache(memcached_server, one).set("same key.jpg", first)
+    _cache(memcached_server, two).set("same key.jpg", second)
+    assert _cache(memcached_server, one).get("same key.jpg") == first
+    assert _cache(memcached_server, two).get("same key.jpg") == second
+    third = _cache(memcached_server, origins_namespace(["s3://three/originals"]))
+    assert third.get("same key.jpg") is None and third.digest("same key.jpg") is None
+    # Keys stay within memcached's rules whatever the object key (max 250 bytes, no spaces).
+    longest = chunk_keys(cache_key(one, "x " * 1024), "f" * 32, 100)[-1]
+    assert len(longest) <= 250 and " " not in longest
+    with pytest.raises(ValueError):
+        _cache(memcached_server, "with space")
+
+
+def test_tampered_chunk_is_a_miss(memcached_server: str, caplog: pytest.LogCaptureFixture) -> None:
+    cache = _cache(memcached_server)
+    original = Original.from_bytes(os.urandom(2_500_000))
+    cache.set("tampered.jpg", original)
+    assert cache.get("tampered.jpg") == original
+    names = chunk_keys(cache_key(NAMESPACE, "tampered.jpg"), original.digest, 3)
+    raw = _raw(memcached_server)
+    try:
+        raw.set(names[1], os.urandom(1_000_000), noreply=False)  # same size, other bytes
+        with caplog.at_level(logging.WARNING, logger="service.cache"):
+            assert cache.get("tampered.jpg") is None
+        assert "does not match its digest" in caplog.text
+        raw.set(names[1], b"short", noreply=False)
+        assert cache.get("tampered.jpg") is None
+    finally:
+        raw.close()
+
+
+def test_forged_heads_are_quick_misses(memcached_server: str) -> None:
+    cache = _cache(memcached_server, max_original_bytes=10_000_000)
+    digest = Original.from_bytes(b"x").digest
+    forged = [
+        f"{digest}:1000:{10**9}",  # a billion chunks for 1000 bytes
+        f"{digest}:{10**12}:{10**6}",  # a terabyte (chunk count consistent with it)
+        f"{digest}:10000001:11",  # one byte over limits.max_original_bytes
+        f"{digest}:-1:0",
+        f"{digest}:2500000:2",  # count does not fit the size
+        f"{'z' * 32}:1:1",  # not hex
+        f"{digest.upper()}:1:1",  # set never writes upper case
+        f"{digest}:1",
+        f"{digest}:1:1:1",
+        f"{digest}:{'9' * 5000}:1",  # too many digits for int() to parse
+        "",
+        "garbage",
+    ]
+    raw = _raw(memcached_server)
+    head_key = cache_key(NAMESPACE, "forged.jpg")
+    try:
+        for head in [*forged, os.urandom(64)]:
+            raw.set(head_key, head, noreply=False)
+            started = time.monotonic()
+            assert cache.get("forged.jpg") is None, head
+            assert cache.digest("forged.jpg") is None, head
+            assert time.monotonic() - started < 0.5, head
+    finally:
+        raw.close()
+    cache.set("forged.jpg", Original.from_bytes(b"x"))  # the real thing is still a hit
+    assert cache.get("forged.jpg") == Original.from_bytes(b"x")
+
+
+def test_digest_reads_the_head_only(memcached_server: str) -> None:
+    cache = _cache(memcached_server)
+    original = Original.from_bytes(os.urandom(1_500_000))
+    assert cache.digest("etag.jpg") is None
+    cache.set("etag.jpg", original)
+    assert cache.digest("etag.jpg") == original.digest
+    cache.client.delete(chunk_keys(cache_key(NAMESPACE, "etag.jpg"), original.digest, 2)[0])
+    assert cache.get("etag.jpg") is None and cache.digest("etag.jpg") == original.digest
+
+
+class CountingOrigin:
+    """An origin whose original for a key is the key's bytes; counts its fetches."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def fetch(self, key: str) -> Original:
+        self.calls += 1
+        return Original.from_bytes(key.encode())
+
+
+def test_store_digest_never_asks_the_origins(memcached_server: str) -> None:
+    origin = CountingOrigin()
+
+    assert OriginalStore(origin, None).digest("store-digest") is None
+    store = OriginalStore(origin, _cache(memcached_server), background=False)
+    assert store.digest("store-digest") is None and origin.calls == 0
+    assert store.get("store-digest").digest == store.digest("store-digest") and origin.calls == 1
+
+
 def test_long_keys_with_spaces_are_safe(memcached_server: str) -> None:
-    cache = MemcachedOriginals(MemcachedOptions(servers=(memcached_server,)), timeout=1.0)
+    cache = _cache(memcached_server)
     key = "a folder/" + "very long name " * 60 + ".jpg"
     cache.set(key, Original.from_bytes(b"x"))
     assert cache.get(key) == Original.from_bytes(b"x")
@@ -42,7 +159,7 @@ def _wait_stopped(pid: int) -> None:
 
 def test_hung_or_dead_memcached_is_a_quick_miss(logs: Path) -> None:
     with support.memcached(logs) as (proc, address):
-        cache = MemcachedOriginals(MemcachedOptions(servers=(address,)), timeout=0.2)
+        cache = _cache(address, memcached_timeout=0.2)
         cache.set("k", Original.from_bytes(b"v"))
         os.kill(proc.pid, signal.SIGSTOP)  # hung: accepts nothing, answers nothing
         _wait_stopped(proc.pid)
@@ -90,18 +207,13 @@ def test_single_flight_shares_one_call_and_its_error() -> None:
 
 
 def test_store_is_cache_aside(memcached_server: str) -> None:
-    class Counting:
-        calls = 0
+    origin = CountingOrigin()
 
-        def fetch(self, key: str) -> Original:
-            Counting.calls += 1
-            return Original.from_bytes(key.encode())
-
-    cache = MemcachedOriginals(MemcachedOptions(servers=(memcached_server,)), timeout=1.0)
-    store = OriginalStore(Counting(), cache, background=False)
+    cache = _cache(memcached_server)
+    store = OriginalStore(origin, cache, background=False)
     assert store.get("store-key").data == b"store-key"
-    assert OriginalStore(Counting(), cache).get("store-key").data == b"store-key"  # another instance: a hit
-    assert Counting.calls == 1
+    assert OriginalStore(origin, cache).get("store-key").data == b"store-key"  # another instance: a hit
+    assert origin.calls == 1
 
 
 def test_store_writes_memcached_in_the_background(memcached_server: str) -> None:
@@ -109,7 +221,7 @@ def test_store_writes_memcached_in_the_background(memcached_server: str) -> None
         def fetch(self, key: str) -> Original:
             return Original.from_bytes(b"x" * 2_500_000)
 
-    cache = MemcachedOriginals(MemcachedOptions(servers=(memcached_server,)), timeout=1.0)
+    cache = _cache(memcached_server)
     original = OriginalStore(Once(), cache).get("background-key")
     deadline = time.monotonic() + 5
     while cache.get("background-key") != original:

@@ -22,7 +22,8 @@ import pytest
 import requests
 from PIL import Image
 
-from service.nginx_conf import render_nginx_conf
+from service.config import load_config
+from service.nginx_conf import config_vars, render_nginx_conf
 from service.procs import free_port
 from tests.support import REPO
 
@@ -46,10 +47,10 @@ def test_template_renders_for_a_deployment(tmp_path: Path) -> None:
     conf = tmp_path / "nginx.conf"
     conf.write_text(
         render_nginx_conf(
+            **config_vars(load_config(environ={})),
             state_dir=str(tmp_path),
             listen="0.0.0.0:8080",
             upstreams=["127.0.0.1:9001", "127.0.0.1:9002"],
-            presets=["thumb", "small"],
             user="www-data",
             worker_processes=2,
             log_dir=str(tmp_path / "log"),
@@ -60,7 +61,8 @@ def test_template_renders_for_a_deployment(tmp_path: Path) -> None:
     )
     (tmp_path / "log").mkdir()
     text = conf.read_text()
-    assert "server 127.0.0.1:9002 " in text and "user www-data;" in text and '~ "^/(?:thumb|small)/."' in text
+    assert "server 127.0.0.1:9002 " in text and "user www-data;" in text
+    assert '~ "^/(?:thumb|small|medium|large)/."' in text
     check = subprocess.run(
         ["nginx", "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "log" / "error.log")],
         capture_output=True,
@@ -69,7 +71,7 @@ def test_template_renders_for_a_deployment(tmp_path: Path) -> None:
     )
     assert check.returncode == 0, check.stderr
     with pytest.raises(jinja2.UndefinedError):
-        render_nginx_conf(state_dir="/x", listen="127.0.0.1:1", presets=["small"])
+        render_nginx_conf(state_dir="/x", listen="127.0.0.1:1", upstreams=["127.0.0.1:1"], presets=["small"])
 
 
 def descendants(pid: int) -> set[int]:

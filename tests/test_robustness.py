@@ -41,7 +41,7 @@ def test_damaged_originals_never_escape_as_other_errors(corpus: Path, name: str)
     for label, variant in damaged(data):
         for preset in ("thumb", "medium"):
             try:
-                rendition = pipeline.render(variant, f"{name}-{label}", CONFIG.presets[preset], accepts_webp=False)
+                rendition = pipeline.render(variant, f"{name}-{label}", CONFIG.presets[preset], negotiated="")
             except (Unprocessable, UnsupportedMedia, TooLarge) as exc:
                 assert exc.reason and "\n" not in exc.reason
                 outcomes.append("error")

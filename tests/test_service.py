@@ -188,7 +188,7 @@ def test_http_semantics(service: str) -> None:
     assert resp.headers["Cache-Control"] == "public, max-age=31536000"
     assert resp.headers["Vary"] == "Accept"  # the default presets negotiate the format
     etag = resp.headers["ETag"]
-    assert etag.startswith('"') and not etag.startswith("W/")
+    assert etag.startswith('W/"')  # equivalent renditions, not always equal bytes: see service/identity.py
     assert requests.get(url, headers={"If-None-Match": etag, "Accept": "image/jpeg"}, timeout=30).status_code == 304
     webp = requests.get(url, headers={"Accept": "image/webp,*/*"}, timeout=30)
     assert webp.headers["Content-Type"] == "image/webp" and webp.headers["ETag"] != etag

@@ -1,0 +1,72 @@
+"""A rendition's identity: every input that decides its bytes, folded into one value.
+
+Two things must change whenever a rendition's bytes may change, and only then: the ETag (browsers and CDNs
+revalidate with it) and nginx's cache key (else nginx keeps serving, or 304-revalidating, old bytes for
+``cache_valid`` after a config change). Both come from here:
+
+- ``preset_fingerprints(config)``: per preset, a hash of its whole definition plus everything else that
+  changes output bytes: the encoder settings, the limits that turn an animation into a still, the pipeline's
+  version and the versions of Pillow and the codecs it links. nginx gets it as a template variable
+  (service/nginx_conf.py) and puts it in its cache key; after a change the old entries are never looked up
+  again and age out (``cache_inactive``).
+- ``rendition_etag``: the fingerprint with the original's digest, the URL-forced format and the format token.
+
+The ETag is weak: a kept intermediate may give a preset a slightly different (equally good) resize than a
+fresh decode would, so equal ETags mean equivalent renditions, not always equal bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import PIL
+from PIL import features
+
+from service.config import Config
+
+# Bump when the pipeline's output for the same inputs changes.
+PIPELINE_VERSION = "2"
+
+
+def library_versions() -> dict[str, str | None]:
+    """Pillow and the codec libraries it was built against (an upgrade may change output bytes)."""
+    versions: dict[str, str | None] = {"pillow": PIL.__version__}
+    for name in ("jpg", "libjpeg_turbo", "webp", "zlib", "littlecms2"):
+        versions[name] = features.version(name)
+    return versions
+
+
+def _digest(value: object, size: int = 16) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:size]
+
+
+def preset_fingerprints(config: Config) -> dict[str, str]:
+    """A short hash per preset of everything that decides its renditions' bytes, besides the original."""
+    shared = {
+        "pipeline": PIPELINE_VERSION,
+        "libraries": library_versions(),
+        "encoding": dataclasses.asdict(config.encoding),
+        "animation_limits": [config.limits.max_frames, config.limits.max_animation_pixels],
+    }
+    return {
+        name: _digest(
+            {**shared, "preset": {**dataclasses.asdict(preset), "quality_by_format": dict(preset.quality_by_format)}}
+        )
+        for name, preset in config.presets.items()
+    }
+
+
+def rendition_etag(original_digest: str, fingerprint: str, forced_format: str | None, token: str) -> str:
+    """The (weak) ETag of one rendition."""
+    return 'W/"' + _digest([original_digest, fingerprint, forced_format or "", token], 32) + '"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison, as If-None-Match requires."""
+    if not if_none_match:
+        return False
+    ours = etag.removeprefix("W/")
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or ours in tags

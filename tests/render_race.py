@@ -1,0 +1,98 @@
+"""Renders one original at every preset and output form concurrently, as production does, and compares every body
+with the same render done alone. Run as a script (tests/test_concurrency.py does) so that ``--gevent`` can
+monkey-patch before anything else is imported: then renders go through the gevent thread pool the app uses.
+
+Prints one JSON line: {"compared": N, "differed": M, "examples": [...]}.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if "--gevent" in sys.argv:
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import functools
+import hashlib
+import io
+import json
+from collections.abc import Callable
+
+from PIL import Image
+
+from service.config import load_config
+from service.offload import make_offload
+from service.pipeline import Pipeline
+
+CONFIG = load_config(environ={"PHIZER_ORIGINS": "file:///nonexistent"})
+# Every output form a request can ask for: negotiated without and with WebP, and each URL-forced format.
+FORMS = [("", None), ("webp", None), ("", "jpeg"), ("", "png"), ("", "webp"), ("", "gif")]
+
+
+def originals() -> dict[str, bytes]:
+    """Small originals (64x40: smaller than every preset box, so most presets need no resize at all: the path on
+    which a kept intermediate used to reach the encoders), in each input format."""
+    gradient = Image.linear_gradient("L").resize((64, 40))
+    rgb = Image.merge("RGB", (gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT), gradient.rotate(90)))
+    rgba = rgb.copy()
+    rgba.putalpha(gradient)
+    files = {}
+    for name, im, fmt, options in [
+        ("jpeg", rgb, "JPEG", {"quality": 95}),
+        ("png-alpha", rgba, "PNG", {}),
+        ("webp", rgb, "WEBP", {"quality": 90}),
+        ("gif-animated", rgb.convert("P"), "GIF", {"save_all": True, "append_images": [rgb.rotate(180).convert("P")]}),
+    ]:
+        out = io.BytesIO()
+        im.save(out, fmt, **options)
+        files[name] = out.getvalue()
+    return files
+
+
+def main() -> None:
+    repetitions = int(sys.argv[sys.argv.index("--repetitions") + 1])
+    offload: Callable[[Callable[[], bytes]], bytes] = make_offload(4)
+    jobs = [
+        (name, data, preset, negotiated, forced)
+        for name, data in originals().items()
+        for preset in CONFIG.presets.values()
+        for negotiated, forced in FORMS
+    ]
+
+    def render(pipeline: Pipeline, job: tuple) -> bytes:
+        _, data, preset, negotiated, forced = job
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            return pipeline.render(data, digest, preset, negotiated=negotiated, forced_format=forced).body
+        except Exception as exc:  # settings mixed up by a shared image can also make the encoder fail
+            return f"failed: {exc!r}".encode()
+
+    alone = [render(Pipeline(CONFIG.encoding, CONFIG.limits), job) for job in jobs]
+    compared, differed, examples = 0, 0, []
+    for _ in range(repetitions):
+        shared = Pipeline(CONFIG.encoding, CONFIG.limits)  # one instance's pipeline: intermediates shared
+        render_one = functools.partial(render, shared)
+        if "--gevent" in sys.argv:
+            import gevent
+
+            greenlets = [gevent.spawn(offload, functools.partial(render_one, job)) for job in jobs]
+            gevent.joinall(greenlets, raise_error=True)
+            bodies = [g.value for g in greenlets]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(8) as pool:
+                bodies = list(pool.map(render_one, jobs))
+        for job, body, expected in zip(jobs, bodies, alone, strict=True):
+            compared += 1
+            if body != expected:
+                differed += 1
+                if len(examples) < 5:
+                    examples.append([job[0], job[2].name, job[3], job[4], len(body), len(expected)])
+    print(json.dumps({"compared": compared, "differed": differed, "examples": examples}))
+
+
+if __name__ == "__main__":
+    main()

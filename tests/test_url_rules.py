@@ -1,0 +1,135 @@
+"""The URL rules live in one place (service/presets.py) and nginx applies the very same rules, rendered into its
+config from them: checked row by row through real nginx and real instances, with format suffixes on and off.
+
+For every URL of the table, nginx's hash key (``$phizer_key``, which picks the instance) and format token (in its
+cache key) are read from its access log and compared with what the app's own parser and negotiation make of the
+same URL; the instance that answered must be the one a plain request for the parsed key lands on, and the app's
+404 names the same key.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import time
+import urllib.parse
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from service.launcher import Stack
+from service.presets import format_token, parse_path
+from service.procs import free_port
+
+CHROME = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
+ANY = "*/*"
+PRESETS = {
+    "small": {"width": 320},
+    "thumb": {"width": 150, "height": 150, "fit": "cover"},
+    "fixed": {"width": 200, "format": "jpeg"},  # does not negotiate: never a format token
+}
+# Raw request paths as a client sends them (percent-escaped), none of which exists in the origin.
+TABLE = [
+    "/small/cat.jpg",
+    "/small/cat.jpg.webp",
+    "/small/x.jpg.webp",  # a top-level key with a suffix
+    "/small/.jpg.webp",  # a suffix after a bare extension
+    "/small/a/b/Cat.JPG.WebP",  # suffixes in any case, nested keys
+    "/small/a/b/cat.jpeg.PNG",
+    "/thumb/x.gif.jpeg",
+    "/small/photo.webp",  # an extension alone is not a suffix
+    "/small/storm_2.5mp.jpg",  # nor is a dot in the name
+    "/small/a.b/cat.png",  # nor a dot in a folder
+    "/small/a.jpg/b.webp",  # nor an extension on a folder
+    "/small/cat%20photo.jpg",  # spaces
+    "/small/cat%20photo.jpg.webp",
+    "/small/100%25%20real.jpg.png",  # a percent sign in the key
+    "/small/caf%C3%A9/%E2%9C%93.jpg",  # UTF-8
+    "/small/caf%C3%A9/%E2%9C%93.jpg.gif",
+    "/small/a%2Fb.jpg",  # an escaped slash is a slash
+    "/small/what%3F.jpg",  # a question mark in the key
+    "/small/semi;colon,comma.png.jpg",
+    "/fixed/plain.jpg",
+    "/fixed/plain.jpg.webp",
+]
+LOG_FIELDS = re.compile(r' fmt=(?P<fmt>\S*) key="(?P<key>(?:[^"\\]|\\.)*)" ')
+
+
+def unescape_nginx_log(text: str) -> str:
+    """nginx writes bytes outside printable ASCII (and quotes, backslashes) as \\xHH."""
+    raw = re.sub(rb"\\x([0-9A-Fa-f]{2})", lambda m: bytes([int(m[1], 16)]), text.encode("latin-1"))
+    return raw.decode("utf-8")
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["suffix-on", "suffix-off"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    state = tmp_path_factory.mktemp("url-rules")
+    config = state / "config.yaml"
+    folder = state / "originals"
+    folder.mkdir()
+    raw = {"origins": [f"file://{folder}"], "presets": PRESETS, "encoding": {"url_format_suffix": request.param}}
+    config.write_text(yaml.safe_dump(raw))
+    with Stack(state, port=free_port(), instances=3, env={"PHIZER_CONFIG": str(config)}) as started:
+        yield started
+
+
+def fetch(stack: Stack, path: str, accept: str) -> tuple[http.client.HTTPResponse, str, tuple[str, str]]:
+    """GET ``path`` verbatim; returns the response, its body and nginx's (format token, key) from its log."""
+    before = stack.access_log.stat().st_size if stack.access_log.exists() else 0
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    conn.request("GET", path, headers={"Accept": accept})
+    resp = conn.getresponse()
+    body = resp.read().decode("utf-8", "replace")
+    conn.close()
+    for _ in range(50):  # nginx logs just after the last byte is sent
+        with stack.access_log.open("rb") as log:
+            log.seek(before)
+            lines = [line for line in log.read().decode("latin-1").splitlines() if line]
+        if lines:
+            match = LOG_FIELDS.search(lines[-1])
+            assert match, lines[-1]
+            return resp, body, (match["fmt"], unescape_nginx_log(match["key"]))
+        time.sleep(0.05)
+    raise AssertionError(f"no access log line for {path}")
+
+
+def test_nginx_and_the_app_read_every_url_alike(stack: Stack) -> None:
+    config = stack.config
+    instances = set()
+    for path in TABLE:
+        for accept in (CHROME, ANY):
+            suffixes = config.encoding.url_format_suffix
+            expected = parse_path(urllib.parse.unquote(path), config.presets, config.limits.max_key_bytes, suffixes)
+            resp, body, (nginx_token, nginx_key) = fetch(stack, path, accept)
+            where = (path, accept)
+            assert nginx_key == expected.key, where
+            assert nginx_token == format_token(expected, accept), where
+            assert (resp.status, body) == (404, f"original {expected.key!r} not found\n"), where  # the app's key
+            plain, _, _ = fetch(stack, f"/{expected.preset.name}/{urllib.parse.quote(expected.key)}", ANY)
+            instance = resp.getheader("X-Phizer-Instance")
+            assert instance == plain.getheader("X-Phizer-Instance"), where
+            instances.add(instance)
+    assert len(instances) > 1  # the table's keys spread over the instances, so "same instance" meant something
+
+
+def test_table_rows_cover_suffixes_on_and_off(stack: Stack) -> None:
+    """The table is not vacuous: with suffixes on, many rows force a format; with them off, none does."""
+    config = stack.config
+    forced = [
+        parse_path(urllib.parse.unquote(path), config.presets, 1024, config.encoding.url_format_suffix).format
+        for path in TABLE
+    ]
+    if config.encoding.url_format_suffix:
+        assert sum(fmt is not None for fmt in forced) >= 10
+    else:
+        assert forced == [None] * len(TABLE)
+
+
+def test_over_long_urls_get_one_plain_line(stack: Stack) -> None:
+    """A key over the limit is the app's 400 even where gunicorn's own limit would have answered with HTML; a
+    request line over nginx's buffers is nginx's 414, in one line too."""
+    resp, body, _ = fetch(stack, "/small/" + "a" * 5000 + ".jpg", ANY)
+    assert (resp.status, body) == (400, f"key longer than {stack.config.limits.max_key_bytes} bytes\n")
+    resp, body, _ = fetch(stack, "/small/" + "%C3%A9" * 2000 + ".jpg", ANY)
+    assert (resp.status, body) == (414, "request line too long\n")
