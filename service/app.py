@@ -15,6 +15,7 @@ import falcon
 from service.cache import MemcachedOriginals, OriginalStore, origins_namespace
 from service.config import Config
 from service.errors import PhizerError
+from service.guards import configure_decoders
 from service.identity import etag_matches, preset_fingerprints, rendition_etag
 from service.offload import Offload, make_offload
 from service.origins import OriginChain, make_origin
@@ -22,6 +23,9 @@ from service.pipeline import Pipeline
 from service.presets import ImageRequest, format_token, negotiates, parse_path
 
 log = logging.getLogger(__name__)
+
+# Statuses that say something about the original itself (nginx caches them for cache_valid_404, too).
+ORIGINAL_VERDICTS = (404, 413, 415, 422)
 
 
 class ImageResource:
@@ -111,6 +115,7 @@ def create_app(
         if config.memcached.servers:
             cache = MemcachedOriginals(config.memcached, config.limits, origins_namespace(config.origins))
         store = OriginalStore(OriginChain([make_origin(url, config) for url in config.origins]), cache)
+    configure_decoders(config.limits)
     pipeline = pipeline or Pipeline(config.encoding, config.limits)
     offload = offload or make_offload(config.render_threads)
 
@@ -136,8 +141,10 @@ def create_app(
         resp.status = exc.status
         resp.content_type = falcon.MEDIA_TEXT
         resp.text = exc.reason + "\n"
-        # 404s are cached briefly (a missing file must not hammer the origin); other errors never.
-        resp.set_header("Cache-Control", config.error_cache_control if exc.status == 404 else "no-store")
+        # Verdicts on the original (missing, too large, not an image, corrupt) are cached briefly: a missing or bad
+        # file requested in a loop must not hammer the origin or be decoded again each time. Other errors never.
+        cached = exc.status in ORIGINAL_VERDICTS
+        resp.set_header("Cache-Control", config.error_cache_control if cached else "no-store")
         resp.delete_header("ETag")
         if instance:
             resp.set_header("X-Phizer-Instance", instance)

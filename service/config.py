@@ -32,7 +32,9 @@ class ConfigError(ValueError):
 class Limits:
     """Bounds that keep one bad original or slow origin from hurting the instance."""
 
-    max_pixels: int = 50_000_000  # width x height of the original, checked from the header before decoding
+    max_pixels: int = 50_000_000  # width x height of the original (and of every frame's canvas), before decoding
+    max_jpeg_scans: int = 100  # progressive JPEGs: encoders write about 10 scans, mozjpeg about 20; each costs a pass
+    max_png_text_bytes: int = 1024 * 1024  # PNG text chunks (tEXt, zTXt, iTXt) decompressed, in total
     max_original_bytes: int = 64 * 1024 * 1024  # larger originals are refused while streaming, with 413
     max_key_bytes: int = 1024
     max_frames: int = 100  # animated originals with more frames are served as a still of frame one
@@ -80,7 +82,7 @@ class Config:
     limits: Limits = Limits()
     encoding: Encoding = Encoding()
     cache_control: str = "public, max-age=31536000"
-    error_cache_control: str = "public, max-age=60"  # for 404s, so a missing file cannot hammer the origin
+    error_cache_control: str = "public, max-age=60"  # for 404/413/415/422: a bad file cannot hammer the origin
     s3_max_pool_connections: int = 64  # botocore's default of 10 would throw away connections under load
     render_threads: int = 0  # native threads rendering in parallel per instance (0: one per core); see offload.py
 

@@ -22,6 +22,8 @@ CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
 # Sources whose extra frames are an animation (an MPO's extra frames are other pictures, not frames).
 ANIMATED_SOURCES = ("GIF", "WEBP", "PNG")
 ANIMATED_OUTPUTS = ("gif", "webp")
+# The largest width or height each encoder can write.
+MAX_DIMENSIONS = {"jpeg": 65_535, "png": 2**31 - 1, "webp": 16_383, "gif": 65_535}
 
 ORIENTATION_TAG = 0x0112
 EXIF_TAG_IDS = {name.lower(): int(tag) for name, tag in ExifTags.Base.__members__.items()}

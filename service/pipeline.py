@@ -54,6 +54,7 @@ from service.formats import (
     ANIMATED_SOURCES,
     CONTENT_TYPES,
     DECODERS,
+    MAX_DIMENSIONS,
     ORIENTATION_TAG,
     SAVE_FORMATS,
     SOURCE_FORMATS,
@@ -62,6 +63,7 @@ from service.formats import (
     save_options,
 )
 from service.geometry import DRAFT_GAP, Layout, layout
+from service.guards import check_jpeg_scans
 from service.intermediates import Intermediate, IntermediateCache
 from service.presets import Preset
 
@@ -274,6 +276,9 @@ def choose_output(ctx: RenderContext, transparent: bool) -> str:
     ctx.format = choose_format(
         ctx.source_format, transparent, ctx.frames > 0, ctx.preset.format, ctx.forced_format, ctx.negotiated
     )
+    if max(ctx.layout.out_size) > MAX_DIMENSIONS[ctx.format]:
+        width, height = ctx.layout.out_size
+        raise TooLarge(f"a {width}x{height} rendition is over {ctx.format}'s {MAX_DIMENSIONS[ctx.format]} px limit")
     return ctx.format
 
 
@@ -338,6 +343,9 @@ class Pipeline:
     ) -> RenderContext:
         """Open the original (header only, limits checked) and work out the geometry for ``preset``."""
         im = open_image(data, self.limits)
+        source_format = SOURCE_FORMATS[im.format or ""]
+        if source_format == "jpeg":
+            check_jpeg_scans(data, self.limits)
         exif = header_exif(im)
         orientation = exif_orientation(exif)
         return RenderContext(
@@ -345,7 +353,7 @@ class Pipeline:
             forced_format=forced_format,
             negotiated=negotiated,
             source=im,
-            source_format=SOURCE_FORMATS[im.format or ""],
+            source_format=source_format,
             orientation=orientation,
             layout=layout(im.size, orientation, preset),
             icc=im.info.get("icc_profile"),

@@ -99,6 +99,7 @@ def test_a_file_pillow_cannot_decode_is_still_a_422(corpus: Path) -> None:
     client = falcon.testing.TestClient(create_app(load_config(environ={}), store=FakeStore({"t.jpg": truncated})))
     resp = client.simulate_get("/small/t.jpg")
     assert resp.status_code == 422 and resp.text.startswith("corrupt or truncated image")
+    assert resp.headers["cache-control"] == "public, max-age=60"  # a verdict on the file: not decoded each time
 
 
 def test_falcons_own_errors_are_one_plain_line(client: falcon.testing.TestClient) -> None:

@@ -1,0 +1,78 @@
+"""Guards that bound what one original can cost before the expensive step runs.
+
+Pixel counts bound most decodes, but not all: a progressive JPEG's decode time grows with its number of scans
+(each walks the whole coefficient buffer: a few hundred KB with thousands of scans costs seconds), and Pillow has
+process-wide limits of its own (the decompression-bomb check that also covers a GIF frame growing its canvas,
+PNG text chunks) that must follow the configured ones. Each check is cheap: a walk over the JPEG's markers,
+never its entropy-coded data beyond finding the next marker.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from PIL import Image, PngImagePlugin
+
+from service.config import Limits
+from service.errors import TooLarge
+
+SOI, SOS, EOI = 0xD8, 0xDA, 0xD9
+# Markers without a length field: TEM, RST0-7 (inside entropy-coded data), SOI, EOI.
+STANDALONE = {0x01, *range(0xD0, 0xD8), SOI, EOI}
+
+
+def configure_decoders(limits: Limits) -> None:
+    """Make Pillow's own process-wide limits follow the config (called once per process, by create_app).
+
+    Pillow refuses (DecompressionBombError) at twice ``MAX_IMAGE_PIXELS`` and only warns below: set to half of
+    ``max_pixels``, it refuses exactly above the limit wherever Pillow checks, including a GIF frame that grows
+    the canvas past its header's size, which a header check cannot see. PNG text chunks are bounded likewise.
+    """
+    Image.MAX_IMAGE_PIXELS = max(1, limits.max_pixels // 2)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    PngImagePlugin.MAX_TEXT_CHUNK = min(limits.max_png_text_bytes, PngImagePlugin.MAX_TEXT_CHUNK)
+    PngImagePlugin.MAX_TEXT_MEMORY = limits.max_png_text_bytes
+
+
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """The number of scans (SOS markers) in a JPEG, counted from its markers; stops counting past ``stop_after``.
+
+    Segments are skipped by their length; after each SOS, the entropy-coded data is skipped to the next marker
+    (``0xFF`` followed by neither a stuffed ``0x00`` nor a restart marker). A malformed stream ends the count:
+    the decoder reports it.
+    """
+    view = data
+    size, pos, scans = len(view), 2, 0
+    while pos + 4 <= size and scans <= stop_after:
+        if view[pos] != 0xFF:
+            return scans
+        marker = view[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == EOI:
+            return scans
+        if marker in STANDALONE:
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(view[pos + 2 : pos + 4], "big")
+        if marker != SOS:
+            continue
+        scans += 1
+        while True:  # skip the entropy-coded data
+            pos = view.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= size:
+                return scans
+            following = view[pos + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7:
+                pos += 2
+                continue
+            break
+    return scans
+
+
+def check_jpeg_scans(data: bytes, limits: Limits) -> None:
+    """Refuse a JPEG with more scans than ``limits.max_jpeg_scans`` before it is decoded."""
+    scans = jpeg_scans(data, limits.max_jpeg_scans)
+    if scans > limits.max_jpeg_scans:
+        raise TooLarge(f"JPEG has more than {limits.max_jpeg_scans} scans (limits.max_jpeg_scans)")
