@@ -116,6 +116,7 @@ def create_app(
             cache = MemcachedOriginals(config.memcached, config.limits, origins_namespace(config.origins))
         store = OriginalStore(OriginChain([make_origin(url, config) for url in config.origins]), cache)
     configure_decoders(config.limits)
+    instance = instance if config.instance_header else ""
     pipeline = pipeline or Pipeline(config.encoding, config.limits)
     offload = offload or make_offload(config.render_threads)
 
@@ -136,8 +137,12 @@ def create_app(
     app.add_route("/presets.json", _Get(presets))
     app.add_route("/healthz", _Get(healthz))
     app.add_sink(ImageResource(config, store, pipeline, offload, instance), prefix="/")
+    app.add_middleware(_SecurityHeaders())
 
     def on_phizer_error(req: falcon.Request, resp: falcon.Response, exc: PhizerError, params: Any) -> None:
+        if exc.detail:
+            level = logging.WARNING if exc.status >= 500 else logging.INFO
+            log.log(level, "%s %s: %d %s (%s)", req.method, req.path, exc.status, exc.reason, exc.detail)
         resp.status = exc.status
         resp.content_type = falcon.MEDIA_TEXT
         resp.text = exc.reason + "\n"
@@ -164,6 +169,14 @@ def create_app(
     app.add_error_handler(falcon.HTTPError, on_falcon_error)
     app.add_error_handler(PhizerError, on_phizer_error)
     return app
+
+
+class _SecurityHeaders:
+    """``X-Content-Type-Options: nosniff`` on every response: browsers take the Content-Type phizer sets (always
+    the encoded output's) and never sniff an image as something else."""
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool) -> None:
+        resp.set_header("X-Content-Type-Options", "nosniff")
 
 
 class _Get:

@@ -3,7 +3,9 @@
 Everything tunable (presets, origins, memcached, every limit) lives here so that a reader finds all knobs in
 one place, and a typo in a config file stops the service at start-up with a message naming the bad key
 instead of surfacing as a 500 later. Environment variables override the file for the few things an
-operator changes per host: ``PHIZER_CONFIG`` (the file), ``PHIZER_ORIGINS``, ``PHIZER_MEMCACHED``.
+operator changes per host: ``PHIZER_CONFIG`` (the file), ``PHIZER_ORIGINS``, ``PHIZER_MEMCACHED``, and
+``PHIZER_ALLOW_PRIVATE_ORIGINS`` (1 or 0, true or false), which goes with the origins: an upload server on the
+internal network given in ``PHIZER_ORIGINS`` needs it, and there may be no config file to say so.
 S3 endpoint and credentials deliberately stay with boto3's own chain (``AWS_ENDPOINT_URL``, ...).
 """
 
@@ -84,7 +86,12 @@ class Config:
     cache_control: str = "public, max-age=31536000"
     error_cache_control: str = "public, max-age=60"  # for 404/413/415/422: a bad file cannot hammer the origin
     s3_max_pool_connections: int = 64  # botocore's default of 10 would throw away connections under load
+    # HTTP origins may connect to private, loopback, link-local... addresses (an upload server on the internal
+    # network). Off, a host name (or redirect) that resolves to one is refused (502): phizer cannot be steered at
+    # internal services. S3 and file origins are not concerned: their endpoint or folder is the operator's choice.
+    allow_private_origins: bool = False
     render_threads: int = 0  # native threads rendering in parallel per instance (0: one per core); see offload.py
+    instance_header: bool = True  # X-Phizer-Instance on responses (debugging aid; the Ansible role turns it off)
 
 
 def _check_type(path: str, value: Any, expected: type | tuple[type, ...]) -> Any:
@@ -198,6 +205,11 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
             raise ConfigError(f"memcached.servers[{i}]: expected host:port, got {server!r}")
 
     scalars = {k: v for k, v in raw.items() if k not in ("presets", "origins", "memcached", "limits", "encoding")}
+    private = environ.get("PHIZER_ALLOW_PRIVATE_ORIGINS", "").strip().lower()
+    if private:
+        if private not in ("1", "true", "0", "false"):
+            raise ConfigError(f"PHIZER_ALLOW_PRIVATE_ORIGINS: expected 1 or 0 (true or false), got {private!r}")
+        scalars["allow_private_origins"] = private in ("1", "true")
     return _build(
         Config,
         "config",

@@ -2,6 +2,9 @@
 
 Every module raises these (never bare exceptions for a client's mistake), and the app turns them into a
 plain-text response in one place, so the status a client sees for a given failure is decided here.
+
+The public ``reason`` names the problem and nothing internal: no bucket, origin URL, file path, exception text or
+library message. Those go in ``detail``, which only the log sees.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ class PhizerError(Exception):
 
     status: int = 500
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.reason = reason.replace("\n", " ").strip()
+        self.detail = detail  # for the log only
 
 
 class BadRequest(PhizerError):

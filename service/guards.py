@@ -71,6 +71,48 @@ def jpeg_scans(data: bytes, stop_after: int) -> int:
     return scans
 
 
+def gif_frames(data: bytes, stop_after: int) -> tuple[int, tuple[int, int]]:
+    """A GIF's frame count (counting stops past ``stop_after``) and the canvas its frames grow to, read from the
+    block structure alone: no pixel is decoded, and a GIF of 200,000 frames costs no more than ``stop_after``.
+
+    A frame's descriptor may reach beyond the logical screen, and Pillow then grows the canvas: the returned canvas
+    is what a decode would allocate for every frame. A malformed structure ends the walk (the decoder reports it).
+    """
+    size = len(data)
+    if size < 13:
+        return 0, (0, 0)
+    width, height = int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    flags, pos, frames = data[10], 13, 0
+    if flags & 0x80:
+        pos += 3 << ((flags & 7) + 1)  # global colour table
+
+    def skip_sub_blocks(pos: int) -> int:
+        while pos < size and data[pos]:
+            pos += 1 + data[pos]
+        return pos + 1
+
+    while pos < size and frames <= stop_after:
+        kind = data[pos]
+        if kind == 0x21:  # extension: label, then sub-blocks
+            pos = skip_sub_blocks(pos + 2)
+        elif kind == 0x2C and pos + 10 <= size:  # image: descriptor, local colour table, LZW size, sub-blocks
+            left, top, w, h = (int.from_bytes(data[pos + i : pos + i + 2], "little") for i in (1, 3, 5, 7))
+            width, height = max(width, left + w), max(height, top + h)
+            local = data[pos + 9]
+            pos += 10 + ((3 << ((local & 7) + 1)) if local & 0x80 else 0)
+            pos = skip_sub_blocks(pos + 1)
+            frames += 1
+        else:  # trailer, or garbage
+            break
+    return frames, (width, height)
+
+
+def check_canvas(canvas: tuple[int, int], limits: Limits) -> None:
+    """Refuse a canvas over ``limits.max_pixels``: what every frame of an animation is decoded into."""
+    if canvas[0] * canvas[1] > limits.max_pixels:
+        raise TooLarge(f"a frame grows the image to {canvas[0]}x{canvas[1]} pixels, over limits.max_pixels")
+
+
 def check_jpeg_scans(data: bytes, limits: Limits) -> None:
     """Refuse a JPEG with more scans than ``limits.max_jpeg_scans`` before it is decoded."""
     scans = jpeg_scans(data, limits.max_jpeg_scans)

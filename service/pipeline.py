@@ -63,7 +63,7 @@ from service.formats import (
     save_options,
 )
 from service.geometry import DRAFT_GAP, Layout, layout
-from service.guards import check_jpeg_scans
+from service.guards import check_canvas, check_jpeg_scans, gif_frames
 from service.intermediates import Intermediate, IntermediateCache
 from service.presets import Preset
 
@@ -134,13 +134,13 @@ def decoding() -> Iterator[None]:
     try:
         yield
     except Image.DecompressionBombError as exc:
-        raise TooLarge(f"image has too many pixels ({exc})") from exc
+        raise TooLarge("image has too many pixels", str(exc)) from exc
     except Image.UnidentifiedImageError as exc:
         raise UnsupportedMedia("not an image, or not JPEG, PNG, WebP or GIF") from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError) as exc:
         if not _raised_by_pillow(exc):
             raise
-        raise Unprocessable(f"corrupt or truncated image: {exc}") from exc
+        raise Unprocessable("corrupt or truncated image", f"{type(exc).__name__}: {exc}") from exc
 
 
 def open_image(data: bytes, limits: Limits) -> Image.Image:
@@ -173,13 +173,22 @@ def exif_orientation(exif: Image.Exif) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def animation_frames(im: Image.Image, limits: Limits, encoding: Encoding) -> int:
-    """The number of frames to keep animated: 0 when the original is a still or must be served as one."""
+def animation_frames(data: bytes, im: Image.Image, limits: Limits, encoding: Encoding) -> int:
+    """The number of frames to keep animated: 0 when the original is a still or must be served as one.
+
+    Checked without decoding a pixel, with an early exit: a GIF's frames and the canvas they grow to come from
+    its block structure (guards.gif_frames); WebP and APNG declare their frame count, on a fixed canvas.
+    """
+    canvas = im.size
+    if im.format == "GIF":
+        frames, canvas = gif_frames(data, limits.max_frames)
+        check_canvas(canvas, limits)  # even a still decodes its first frame on the grown canvas
     if not encoding.animation or im.format not in ANIMATED_SOURCES or not getattr(im, "is_animated", False):
         return 0
-    with decoding():
-        frames = im.n_frames
-    if frames > limits.max_frames or frames * im.width * im.height > limits.max_animation_pixels:
+    if im.format != "GIF":
+        with decoding():
+            frames = im.n_frames
+    if frames > limits.max_frames or frames * canvas[0] * canvas[1] > limits.max_animation_pixels:
         return 0
     return frames
 
@@ -358,7 +367,7 @@ class Pipeline:
             layout=layout(im.size, orientation, preset),
             icc=im.info.get("icc_profile"),
             exif=kept_exif(exif, self.encoding.keep_metadata),
-            frames=animation_frames(im, self.limits, self.encoding),
+            frames=animation_frames(data, im, self.limits, self.encoding),
         )
 
     def still(self, ctx: RenderContext, digest: str | None) -> Image.Image:

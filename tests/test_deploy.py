@@ -130,6 +130,7 @@ def _inventory(folder: Path, hosts: dict[str, ChrootHost], s3_url: str) -> tuple
             "nginx_listen": f"127.0.0.1:{nginx_ports[name]}",
             "nginx_cache_max_size": "100m",
             "phizer_instances": INSTANCES,
+            "phizer_instance_header": True,  # the tests check which host's instance answered (off by default)
             "phizer_origins": [f"s3://{BUCKET}"],
             "phizer_environment": {**support.AWS_ENV, "AWS_ENDPOINT_URL": s3_url},
             # The first run (and any run after the build's inputs changed) compiles pillow-simd on each host;

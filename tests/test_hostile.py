@@ -1,0 +1,138 @@
+"""Hostile input through the real stack (nginx, gunicorn, the pipeline): every bomb, trick and damaged file gets
+an honest status quickly, the verdict is cached by nginx, and the instance goes on serving normal requests.
+
+Also nginx's request hygiene: methods other than GET/HEAD, oversized headers, and the headers every response has.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from service.launcher import Stack
+from service.procs import free_port
+from tests.hostile import (
+    growing_gif,
+    jpeg_declaring,
+    many_frames_gif,
+    many_scans_jpeg,
+    png_header_only,
+    saved,
+    tall_png,
+    text_png,
+)
+
+WEBP = {"Accept": "image/webp,*/*"}
+# name -> (bytes, expected status, at most this many seconds through the whole stack, cold)
+HOSTILE = {
+    "growing.gif": (lambda: growing_gif(100, 12_000), 413),  # frame two grows the canvas to 144 MP
+    "scans.jpg": (lambda: many_scans_jpeg(5_000), 413),  # thousands of scans: seconds of decoding each
+    "tall.png": (tall_png, 413),  # 2x70000: over WebP's and JPEG's maximum dimension
+    "ztxt.png": (lambda: text_png(16 * 1024 * 1024), 422),  # 16 MB of text in a 16 KB file
+    "frames.gif": (lambda: many_frames_gif(200_000), 200),  # 200,000 frames: served as a still, quickly
+    "mpo.jpg": (
+        lambda: saved(
+            Image.new("RGB", (400, 300), "red"),
+            "MPO",
+            save_all=True,
+            append_images=[Image.new("RGB", (400, 300), "blue")],
+        ),
+        200,
+    ),
+    "huge.jpg": (lambda: jpeg_declaring(65_535, 65_535), 413),  # 4.3 GP declared
+    "bomb.png": (lambda: png_header_only(20_000, 20_000), 413),
+}
+TIME_BOUND = 3.0  # seconds per request, cold: each of these costs milliseconds when refused early
+DAMAGED_SOURCES = ["16_storm_720_30k.jpg", "12_kite_alpha.png", "13_onestandsout.webp", "14_sunset_anim.gif"]
+
+
+def damaged(data: bytes) -> dict[str, bytes]:
+    """The file cut short, and with bytes flipped at fixed places (header, early data, middle)."""
+    variants = {"cut": data[: len(data) // 2]}
+    for where in (20, 200, len(data) // 3, len(data) // 2):
+        flipped = bytearray(data)
+        flipped[where] ^= 0xFF
+        variants[f"flip{where}"] = bytes(flipped)
+    return variants
+
+
+@pytest.fixture(scope="module")
+def stack(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    state = tmp_path_factory.mktemp("hostile")
+    folder = state / "originals"
+    folder.mkdir()
+    for name, (make, _) in HOSTILE.items():
+        (folder / name).write_bytes(make())
+    for source in DAMAGED_SOURCES:
+        for label, data in damaged((corpus / source).read_bytes()).items():
+            (folder / f"{label}-{source}").write_bytes(data)
+    (folder / "normal.jpg").write_bytes((corpus / "16_storm_720_30k.jpg").read_bytes())
+    with Stack(state, port=free_port(), instances=2, env={"PHIZER_ORIGINS": f"file://{folder}"}) as started:
+        yield started
+
+
+def get(stack: Stack, path: str, headers: dict[str, str] | None = None) -> tuple[requests.Response, float]:
+    started = time.perf_counter()
+    response = requests.get(stack.url + path, headers=headers or WEBP, timeout=30)
+    return response, time.perf_counter() - started
+
+
+def assert_still_serving(stack: Stack) -> None:
+    assert get(stack, "/healthz")[0].status_code == 200
+    normal, _ = get(stack, "/small/normal.jpg", {"Accept": "image/jpeg"})
+    assert normal.status_code == 200 and Image.open(io.BytesIO(normal.content)).width == 320
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_original_gets_an_honest_status_fast_and_cached(stack: Stack, name: str) -> None:
+    expected = HOSTILE[name][1]
+    first, seconds = get(stack, f"/small/{name}")
+    print(f"{name}: {first.status_code} in {seconds * 1000:.0f} ms {first.text.strip() if expected >= 400 else ''}")
+    assert first.status_code == expected, first.text
+    assert seconds < TIME_BOUND
+    if expected >= 400:
+        assert first.text.count("\n") == 1 and "Error" not in first.text and "/" not in first.text
+    else:
+        out = Image.open(io.BytesIO(first.content))
+        assert out.width <= 320 and getattr(out, "n_frames", 1) == 1
+    second, _ = get(stack, f"/small/{name}")
+    assert (second.status_code, second.headers["X-Cache-Status"]) == (expected, "HIT")  # decoded once per period
+    assert_still_serving(stack)
+
+
+@pytest.mark.parametrize("source", DAMAGED_SOURCES)
+def test_damaged_files_are_a_4xx_or_a_whole_image(stack: Stack, source: str) -> None:
+    for label in ("cut", "flip20", "flip200"):
+        response, seconds = get(stack, f"/small/{label}-{source}")
+        assert seconds < TIME_BOUND, label
+        assert response.status_code in (200, 413, 415, 422), (label, response.status_code, response.text)
+        if response.status_code == 200:
+            Image.open(io.BytesIO(response.content)).load()  # complete, never a truncated image
+        else:
+            assert response.text.count("\n") == 1 and "Error" not in response.text
+    assert_still_serving(stack)
+
+
+def test_only_get_and_head_reach_an_instance(stack: Stack) -> None:
+    for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        response = requests.request(method, stack.url + "/small/normal.jpg", data=b"x" * 5000, timeout=10)
+        assert (response.status_code, response.text) == (405, "method not allowed\n"), method
+        assert response.headers["Allow"] == "GET, HEAD" and "X-Phizer-Instance" not in response.headers
+    assert requests.head(stack.url + "/small/normal.jpg", timeout=10).status_code == 200
+
+
+def test_oversized_headers_get_the_one_line_400(stack: Stack) -> None:
+    response = requests.get(stack.url + "/small/normal.jpg", headers={"X-Big": "a" * 9000}, timeout=10)
+    assert (response.status_code, response.text) == (400, "bad request: malformed URL or headers\n")
+
+
+def test_every_response_says_nosniff_once(stack: Stack) -> None:
+    for path in ("/small/normal.jpg", "/small/normal.jpg", "/small/missing.jpg", "/nope", "/healthz"):
+        response = requests.get(stack.url + path, timeout=10, stream=True)
+        assert response.raw.headers.getlist("X-Content-Type-Options") == ["nosniff"], path
