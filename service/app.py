@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from typing import Any
 
 import falcon
 
+from service.budget import RenderBudget, Renderer, before_deadline
 from service.cache import MemcachedOriginals, OriginalStore, origins_namespace
 from service.config import Config
-from service.errors import PhizerError
+from service.errors import Overloaded, PhizerError
 from service.guards import configure_decoders
 from service.identity import etag_matches, preset_fingerprints, rendition_etag
-from service.offload import Offload, make_offload
+from service.offload import make_spawn
 from service.origins import OriginChain, make_origin
 from service.pipeline import Pipeline
 from service.presets import ImageRequest, format_token, negotiates, parse_path
@@ -32,16 +35,17 @@ class ImageResource:
     """Serves renditions; any path that is not a route lands here (a Falcon sink)."""
 
     def __init__(
-        self, config: Config, store: OriginalStore, pipeline: Pipeline, offload: Offload[Any], instance: str
+        self, config: Config, store: OriginalStore, pipeline: Pipeline, renderer: Renderer, instance: str
     ) -> None:
         self.config = config
         self.store = store
         self.pipeline = pipeline
-        self.offload = offload
+        self.renderer = renderer
         self.instance = instance
         self.fingerprints = preset_fingerprints(config)
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: Any) -> None:
+        deadline = time.monotonic() + self.config.limits.request_timeout
         if self.instance:
             resp.set_header("X-Phizer-Instance", self.instance)
         if req.method not in ("GET", "HEAD"):
@@ -62,13 +66,14 @@ class ImageResource:
             digest = self.store.digest(request.key)
             if digest is not None and self._not_modified(resp, if_none_match, digest, fingerprint, request, token):
                 return
-        original = self.store.get(request.key)
+        original = before_deadline(lambda: self.store.get(request.key), deadline)
         if self._not_modified(resp, if_none_match, original.digest, fingerprint, request, token):
             return
-        rendition = self.offload(
+        rendition = self.renderer.render(
             lambda: self.pipeline.render(
                 original.data, original.digest, request.preset, negotiated=token, forced_format=request.format
-            )
+            ),
+            deadline,
         )
         resp.content_type = rendition.content_type
         resp.data = rendition.body
@@ -103,12 +108,13 @@ def create_app(
     config: Config,
     store: OriginalStore | None = None,
     pipeline: Pipeline | None = None,
-    offload: Offload[Any] | None = None,
+    renderer: Renderer | None = None,
     instance: str = "",
 ) -> falcon.App:
     """Assemble the app; collaborators default to the real ones built from ``config``.
 
-    ``offload`` runs each render (CPU-bound) somewhere: by default on ``config.render_threads`` native threads.
+    ``renderer`` runs each render (CPU-bound) within the host's render budget (service/budget.py): by default
+    ``config.render_threads`` slots shared through ``$PHIZER_SLOTS_DIR`` (private to the process without it).
     """
     if store is None:
         cache = None
@@ -118,7 +124,11 @@ def create_app(
     configure_decoders(config.limits)
     instance = instance if config.instance_header else ""
     pipeline = pipeline or Pipeline(config.encoding, config.limits)
-    offload = offload or make_offload(config.render_threads)
+    if renderer is None:
+        slots = config.render_threads or os.cpu_count() or 1
+        budget = RenderBudget(slots, os.environ.get("PHIZER_SLOTS_DIR") or None)
+        limits = config.limits
+        renderer = Renderer(budget, make_spawn(slots), limits.render_wait, limits.render_queue)
 
     app = falcon.App(media_type=falcon.MEDIA_TEXT)
     app.req_options.strip_url_path_trailing_slash = False
@@ -136,7 +146,7 @@ def create_app(
 
     app.add_route("/presets.json", _Get(presets))
     app.add_route("/healthz", _Get(healthz))
-    app.add_sink(ImageResource(config, store, pipeline, offload, instance), prefix="/")
+    app.add_sink(ImageResource(config, store, pipeline, renderer, instance), prefix="/")
     app.add_middleware(_SecurityHeaders())
 
     def on_phizer_error(req: falcon.Request, resp: falcon.Response, exc: PhizerError, params: Any) -> None:
@@ -151,6 +161,8 @@ def create_app(
         cached = exc.status in ORIGINAL_VERDICTS
         resp.set_header("Cache-Control", config.error_cache_control if cached else "no-store")
         resp.delete_header("ETag")
+        if isinstance(exc, Overloaded):
+            resp.set_header("Retry-After", str(exc.retry_after))
         if instance:
             resp.set_header("X-Phizer-Instance", instance)
 

@@ -48,6 +48,12 @@ class Limits:
     # Bytes of reduced decodes kept per instance (nginx pins an original's presets to one instance, so its
     # other presets render from the kept one without decoding again); 0 disables.
     intermediate_cache_bytes: int = 64 * 1024 * 1024
+    # Overload (service/budget.py): one deadline per request (origin fetch, wait for a render slot, render; nginx
+    # waits a little longer); a miss waits at most render_wait seconds for one of the host's render slots, and at
+    # most render_queue misses of an instance wait at once: beyond either, 503 with Retry-After at once.
+    request_timeout: float = 30.0
+    render_wait: float = 2.0
+    render_queue: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +96,9 @@ class Config:
     # network). Off, a host name (or redirect) that resolves to one is refused (502): phizer cannot be steered at
     # internal services. S3 and file origins are not concerned: their endpoint or folder is the operator's choice.
     allow_private_origins: bool = False
-    render_threads: int = 0  # native threads rendering in parallel per instance (0: one per core); see offload.py
+    # Renders at once on the whole host (0: one per core), shared by its instances through lock files in
+    # $PHIZER_SLOTS_DIR (service/budget.py); each instance may use them all, so an idle core can be borrowed.
+    render_threads: int = 0
     instance_header: bool = True  # X-Phizer-Instance on responses (debugging aid; the Ansible role turns it off)
 
 

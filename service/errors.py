@@ -51,6 +51,16 @@ class Unprocessable(PhizerError):
     status = 422
 
 
+class Overloaded(PhizerError):
+    """Every render slot of the host is busy and the request cannot wait longer (sent with Retry-After)."""
+
+    status = 503
+
+    def __init__(self, reason: str, retry_after: int = 1) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
 class BadGateway(PhizerError):
     """Every origin that could have the original failed with an error."""
 

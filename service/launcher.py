@@ -174,7 +174,12 @@ class Stack:
     def _spawn_instance(self, index: int) -> Process:
         name = self.instance_name(index)
         argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "--bind", f"unix:{self.socket_path(index)}"]
-        env = {**self.env, "PHIZER_INSTANCE": name, "PHIZER_MEMCACHED": ",".join(self.memcached_servers)}
+        env = {
+            **self.env,
+            "PHIZER_INSTANCE": name,
+            "PHIZER_MEMCACHED": ",".join(self.memcached_servers),
+            "PHIZER_SLOTS_DIR": str(self.state_dir / "run" / "slots"),  # the host's render budget (budget.py)
+        }
         return Process(name, [*argv, WSGI_APP], log=self.logs / f"{name}.log", env=env, cwd=REPO_ROOT)
 
     def _start_nginx(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from typing import Any
 
@@ -22,6 +23,7 @@ from service.identity import preset_fingerprints
 from service.presets import NEGOTIATED, SUFFIX_PATTERN
 
 TEMPLATE = REPO_ROOT / "nginx" / "nginx.conf.j2"
+UPSTREAM_MARGIN = 5  # seconds nginx waits for an instance beyond the app's request_timeout
 
 
 def config_vars(config: Config) -> dict[str, Any]:
@@ -32,6 +34,9 @@ def config_vars(config: Config) -> dict[str, Any]:
         "negotiating": [name for name, preset in config.presets.items() if preset.format == "auto"],
         "suffix_pattern": SUFFIX_PATTERN if config.encoding.url_format_suffix else "",
         "negotiated": [[token, media_type, re.escape(media_type)] for token, media_type in NEGOTIATED],
+        # nginx waits for an instance a little longer than the app's own deadline, never less: it must not give up
+        # first (and mark the instance failed) while the app still works on an answer.
+        "upstream_timeout": f"{math.ceil(config.limits.request_timeout) + UPSTREAM_MARGIN}s",
     }
 
 

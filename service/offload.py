@@ -4,7 +4,8 @@ A gevent worker serves all its requests on one thread: while Pillow decodes a 20
 other request of the instance makes progress, not its origin fetches, not its memcached timeouts, not gunicorn's
 heartbeat. Pillow releases the GIL while it decodes, resamples and encodes, so rendering on a few native threads
 keeps the loop responsive, and lets an instance use an idle core when nginx's hash sends it more than its share
-of the work (with two instances, consistent hashing easily splits a page's originals 2:1).
+of the work (with two instances, consistent hashing easily splits a page's originals 2:1). How many renders run at
+once on the whole host is decided by service/budget.py, not by the size of these pools.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from gevent import monkey
 
@@ -20,20 +21,52 @@ T = TypeVar("T")
 Offload = Callable[[Callable[[], T]], T]
 
 
-def make_offload(threads: int) -> Offload[Any]:
-    """A function that runs ``fn()`` on one of ``threads`` native threads (0: one per core) and returns its result.
+class Pending(Generic[T]):
+    """A function running on a native thread; ``get`` waits for its result (``TimeoutError`` past ``timeout``)."""
+
+    def __init__(self, wait: Callable[[float | None], T]) -> None:
+        self._wait = wait
+
+    def get(self, timeout: float | None = None) -> T:
+        return self._wait(timeout)
+
+
+Spawn = Callable[[Callable[[], Any]], Pending[Any]]
+
+
+def make_spawn(threads: int) -> Spawn:
+    """A function that starts ``fn()`` on one of ``threads`` native threads (0: one per core).
 
     Under gevent's monkey-patching, ``threading`` makes greenlets, not threads: gevent's own pool is the way to
     a native thread, and waiting on it yields to the loop. Without gevent (tests, tools) a plain executor.
     """
     threads = threads or os.cpu_count() or 1
     if monkey.is_module_patched("threading"):
+        import gevent
         from gevent.threadpool import ThreadPool
 
         pool = ThreadPool(threads)
-        return lambda fn: pool.apply(fn)
+
+        def spawn_gevent(fn: Callable[[], Any]) -> Pending[Any]:
+            result = pool.spawn(fn)
+
+            def wait(timeout: float | None) -> Any:
+                try:
+                    return result.get(timeout=timeout)
+                except gevent.Timeout as exc:
+                    raise TimeoutError from exc
+
+            return Pending(wait)
+
+        return spawn_gevent
     executor = ThreadPoolExecutor(threads, thread_name_prefix="render")
-    return lambda fn: executor.submit(fn).result()
+    return lambda fn: Pending(executor.submit(fn).result)
+
+
+def make_offload(threads: int) -> Offload[Any]:
+    """Run ``fn()`` on a native thread and wait for its result (no deadline)."""
+    spawn = make_spawn(threads)
+    return lambda fn: spawn(fn).get()
 
 
 def native_lock() -> Any:

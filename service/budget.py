@@ -1,0 +1,140 @@
+"""The host-wide render budget, bounded waiting and per-request deadlines: calm under a burst of misses.
+
+Renders are CPU-bound. Every host runs one instance per core, and each instance may render on several native
+threads (service/offload.py) so that an idle core can be borrowed when nginx's hash sends one instance more than
+its share. Left alone, that is cores x cores renders at once and an unbounded queue: a burst of uncached images
+makes every request slow, nginx gives up while the renders go on, and the host is down for everyone.
+
+So every render first takes one of ``render_threads`` slots shared by all instances of the host:
+
+- A slot is a lock file (``slot-N.lock`` in ``$PHIZER_SLOTS_DIR``) held with ``flock``. The kernel releases a
+  process's locks when it dies, so an instance killed mid-render (SIGKILL, OOM) never leaks a slot, and no
+  coordinator process or shared memory is needed. Without ``PHIZER_SLOTS_DIR`` the instance keeps a private set.
+- A miss that finds no free slot waits, polling with a short backoff, at most ``limits.render_wait`` seconds and
+  never past its deadline; at most ``limits.render_queue`` requests of an instance wait at once. Beyond either it
+  gets ``503`` with ``Retry-After`` at once: shed honestly, never queued for minutes.
+- The request's deadline (``limits.request_timeout``, from the start of the request: origin fetch, wait and render)
+  is checked before the render starts (a render past its deadline is never started) and bounds the wait for its
+  result (504). A render already running cannot be interrupted inside Pillow: it finishes (bounded by the pixel and
+  decode-cost limits) and only then gives its slot back, so the host is never oversubscribed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from gevent import monkey
+
+from service.errors import GatewayTimeout, Overloaded
+from service.offload import Spawn, native_lock
+
+T = TypeVar("T")
+POLL_START, POLL_MAX = 0.002, 0.02  # seconds between attempts while waiting for a slot
+
+
+def before_deadline(fn: Callable[[], T], deadline: float) -> T:
+    """Run ``fn`` (I/O: memcached, the origins), giving up with 504 at ``deadline``.
+
+    Under gevent the timeout interrupts ``fn``'s socket waits: it is raised there as a GatewayTimeout, an ordinary
+    exception, so the clients' own clean-up (closing a half-read connection) runs. Without gevent (tests, tools)
+    the origins' own timeouts bound ``fn`` and the deadline is checked after it.
+    """
+    remaining = deadline - time.monotonic()
+    timeout = GatewayTimeout("the original did not arrive before the request's deadline")
+    if remaining <= 0:
+        raise timeout
+    if not monkey.is_module_patched("socket"):
+        result = fn()
+    else:
+        import gevent
+
+        with gevent.Timeout(remaining, timeout):
+            result = fn()
+    if time.monotonic() > deadline:
+        raise timeout
+    return result
+
+
+class RenderBudget:
+    """``slots`` lock files in ``folder``, shared by every process that opens the same folder."""
+
+    def __init__(self, slots: int, folder: str | os.PathLike[str] | None = None) -> None:
+        path = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="phizer-slots-"))
+        path.mkdir(parents=True, exist_ok=True)
+        self.slots = slots
+        self._fds = [os.open(path / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o660) for i in range(slots)]
+        self._held: set[int] = set()
+        self._lock = native_lock()  # release() runs on render threads, try_acquire() on the event loop
+
+    def try_acquire(self) -> int | None:
+        """A free slot of the host, taken; None when all are busy."""
+        with self._lock:
+            for slot, fd in enumerate(self._fds):
+                if slot in self._held:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                self._held.add(slot)
+                return slot
+        return None
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            fcntl.flock(self._fds[slot], fcntl.LOCK_UN)
+            self._held.discard(slot)
+
+
+class Renderer:
+    """Runs renders within the budget: wait a bounded time for a slot, never start past the deadline."""
+
+    def __init__(self, budget: RenderBudget, spawn: Spawn, wait: float, queue: int) -> None:
+        self.budget = budget
+        self.spawn = spawn
+        self.wait = wait
+        self.queue = queue
+        self.waiting = 0  # requests of this instance waiting for a slot (only touched on the event loop)
+
+    def render(self, fn: Callable[[], T], deadline: float) -> T:
+        slot = self._acquire(deadline)
+        if time.monotonic() >= deadline:
+            self.budget.release(slot)
+            raise GatewayTimeout("render did not start before the request's deadline")
+
+        def run() -> T:
+            try:
+                return fn()
+            finally:
+                self.budget.release(slot)  # only when the render is over, even if its request gave up
+
+        try:
+            return self.spawn(run).get(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError as exc:
+            raise GatewayTimeout("render did not finish before the request's deadline") from exc
+
+    def _acquire(self, deadline: float) -> int:
+        slot = self.budget.try_acquire()
+        if slot is not None:
+            return slot
+        if self.waiting >= self.queue:
+            raise Overloaded("too many images waiting to be rendered", retry_after=1)
+        until = min(deadline, time.monotonic() + self.wait)
+        pause = POLL_START
+        self.waiting += 1
+        try:
+            while time.monotonic() < until:
+                time.sleep(pause)  # a greenlet switch under gevent
+                slot = self.budget.try_acquire()
+                if slot is not None:
+                    return slot
+                pause = min(pause * 2, POLL_MAX)
+        finally:
+            self.waiting -= 1
+        raise Overloaded("busy rendering other images", retry_after=1)

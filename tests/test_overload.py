@@ -1,0 +1,139 @@
+"""Calm under overload (service/budget.py): a host-wide render budget shared through lock files, bounded waiting
+with honest 503s, and one deadline per request; through real nginx and gunicorn instances."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from service.budget import RenderBudget
+from service.launcher import Stack
+from service.procs import free_port
+from tests.support import REPO
+
+PHOTO = "02_seeding_16mp_progressive.jpg"  # a slow render at `large`: progressive, 16 MP
+BURST = 40
+LIMITS = {"render_wait": 0.5, "render_queue": 4, "request_timeout": 8.0}
+
+
+def test_slots_are_shared_between_processes_and_freed_when_one_dies(tmp_path: Path) -> None:
+    first, second = RenderBudget(2, tmp_path), RenderBudget(2, tmp_path)  # two instances of one host
+    taken = [first.try_acquire(), first.try_acquire()]
+    assert sorted(taken) == [0, 1] and second.try_acquire() is None  # the host's two slots are in use
+    first.release(taken[0])
+    assert second.try_acquire() == taken[0]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from service.budget import RenderBudget; "
+         "b = RenderBudget(3, sys.argv[1]); print(b.try_acquire(), flush=True); time.sleep(60)", str(tmp_path)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "2"  # the third slot
+        third = RenderBudget(3, tmp_path)
+        assert [third.try_acquire() for _ in range(3)].count(None) == 3  # 0 and 1 held here, 2 by the holder
+        os.kill(holder.pid, signal.SIGKILL)  # an instance killed mid-render...
+        holder.wait(timeout=10)
+        assert third.try_acquire() == 2  # ...gives its slot back: the kernel drops its locks
+    finally:
+        holder.kill()
+
+
+@pytest.fixture(scope="module")
+def stack(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    state = tmp_path_factory.mktemp("overload")
+    folder = state / "originals"
+    folder.mkdir()
+    photo = (corpus / PHOTO).read_bytes()
+    for i in range(BURST + 5):  # distinct originals: every request is a miss that needs its own render
+        (folder / f"copy-{i:02d}.jpg").write_bytes(photo + f"copy {i}".encode())
+    config = state / "config.yaml"
+    raw = {
+        "origins": [f"file://{folder}"],
+        "presets": {"large": {"width": 1600}},
+        "limits": LIMITS,
+        "render_threads": 2,
+    }
+    config.write_text(yaml.safe_dump(raw))
+    with Stack(state, port=free_port(), instances=2, env={"PHIZER_CONFIG": str(config)}) as started:
+        yield started
+
+
+def test_a_burst_beyond_the_budget_gets_200s_and_honest_503s(stack: Stack) -> None:
+    health: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            started = time.perf_counter()
+            assert requests.get(stack.url + "/healthz", timeout=5).status_code == 200
+            health.append(time.perf_counter() - started)
+            time.sleep(0.05)
+
+    def miss(i: int) -> tuple[int, str | None, float]:
+        started = time.perf_counter()
+        response = requests.get(f"{stack.url}/large/copy-{i:02d}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
+        return response.status_code, response.headers.get("Retry-After"), time.perf_counter() - started
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        with ThreadPoolExecutor(BURST) as pool:
+            results = list(pool.map(miss, range(BURST)))
+    finally:
+        done.set()
+        prober.join()
+    statuses = Counter(status for status, _, _ in results)
+    slowest = max(seconds for _, _, seconds in results)
+    print(f"burst of {BURST}: {dict(statuses)}, slowest {slowest:.2f} s; /healthz max {max(health) * 1000:.0f} ms")
+    assert set(statuses) <= {200, 503} and statuses[200] >= 2 and statuses[503] >= 1
+    assert all(retry == "1" for status, retry, _ in results if status == 503)
+    assert slowest < LIMITS["request_timeout"] + 2
+    assert max(health) < 0.25  # /healthz is never starved by image work (100 ms on a quiet machine)
+    fresh = requests.get(f"{stack.url}/large/copy-{BURST:02d}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
+    assert fresh.status_code == 200  # served normally right after
+    shed = next(i for i, (status, _, _) in enumerate(results) if status == 503)
+    again = requests.get(f"{stack.url}/large/copy-{shed:02d}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
+    assert (again.status_code, again.headers["X-Cache-Status"]) == (200, "MISS")  # a 503 is never cached
+
+
+def worker_cpu_seconds(stack: Stack) -> float:
+    """CPU time of every process below the stack's instances' gunicorn masters (their workers)."""
+    masters = {proc.pid for proc in stack.instances}
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) in masters:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def test_past_its_deadline_a_request_ends_with_504_and_its_work_stops(corpus: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "originals"
+    folder.mkdir()
+    (folder / "slow.jpg").write_bytes((corpus / PHOTO).read_bytes())
+    config = tmp_path / "config.yaml"
+    limits = {"request_timeout": 0.05}  # shorter than this render
+    raw = {"origins": [f"file://{folder}"], "presets": {"large": {"width": 1600}}, "limits": limits}
+    config.write_text(yaml.safe_dump(raw))
+    with Stack(tmp_path / "state", port=free_port(), instances=1, env={"PHIZER_CONFIG": str(config)}) as stack:
+        response = requests.get(stack.url + "/large/slow.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
+        assert response.status_code == 504 and response.headers["X-Cache-Status"] == "MISS"
+        time.sleep(1.5)  # the render that had started finishes; nothing else runs for a client that is gone
+        before = worker_cpu_seconds(stack)
+        time.sleep(1.0)
+        assert worker_cpu_seconds(stack) - before < 0.1
