@@ -10,16 +10,16 @@ THUMBOR_STAMP := $(THUMBOR_VENV)/.installed
 # Debian packages the stack and its tests need; installed only when absent.
 # (binutils: objdump, with which a test checks pillow-simd's AVX2 code; wrk: the bench and its smoke test.)
 APT_PACKAGES := nginx-light memcached debootstrap gcc binutils python3-dev python3-venv wrk \
-                zlib1g-dev libjpeg62-turbo-dev libwebp-dev liblcms2-dev libtiff-dev libopenjp2-7-dev
+                zlib1g-dev libjpeg62-turbo-dev libwebp-dev liblcms2-dev libtiff-dev libopenjp2-7-dev chromium
 PILLOW_SIMD := $(shell grep -i '^pillow-simd==' requirements.txt)
 # Plain Pillow must never replace pillow-simd: keep the machine's own constraints and add ours.
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt $(wildcard /etc/xdg/pip/constraints.txt)
 AVX2 := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo 1)
 
-.PHONY: run test bench deploy lint system-deps install clean
+.PHONY: run test bench soak deploy lint system-deps install clean
 
 run: install
-	$(VPY) -m service.launcher
+	$(VENV)/bin/phizer run
 
 test: install
 	$(VPY) -m ruff check service tests bench
@@ -27,6 +27,11 @@ test: install
 
 bench: install $(THUMBOR_STAMP)
 	$(VPY) -m bench.run
+
+# Ten minutes of mixed traffic (hits, misses, 404s, hostile files, bursts beyond the render budget) through the real
+# stack; writes bench/results/soak.{md,json,png}. SOAK_ARGS passes options, e.g. SOAK_ARGS="--minutes 1".
+soak: install $(THUMBOR_STAMP)
+	$(VPY) -m bench.soak $(SOAK_ARGS)
 
 # The bench's peer (thumbor) and its chart's matplotlib need plain Pillow: their own venv, installed
 # with the machine's constraints only (ours forbid Pillow, rightly, for .venv).
@@ -57,12 +62,14 @@ system-deps:
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip wheel setuptools
 	# pillow-simd compiles from source; -mavx2 doubles its resampling speed where the CPU has AVX2.
 	CC="cc $(if $(AVX2),-mavx2)" $(VPY) -m pip install -q --no-binary pillow-simd "$(PILLOW_SIMD)"
 	$(VPY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	# The `phizer` command (pyproject.toml's [project.scripts]), running this checkout's code; dependencies above.
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(VPY) -c "import PIL, PIL.features; assert '.post' in PIL.__version__, 'not pillow-simd: ' + PIL.__version__; \
 	    assert PIL.features.check('jpg') and PIL.features.check('webp') and PIL.features.check('littlecms2')"
 	touch $@

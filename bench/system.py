@@ -13,19 +13,14 @@ import platform
 import subprocess
 from pathlib import Path
 
+from service.procs import children_by_parent
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def tree(pid: int) -> list[int]:
     """``pid`` and all its descendants that are alive now."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
+    children = children_by_parent()
     found, todo = [], [pid]
     while todo:
         current = todo.pop()

@@ -9,26 +9,42 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
+import uuid
 from typing import Any
 
 import falcon
 
-from service.budget import RenderBudget, Renderer, before_deadline
+from service.budget import RenderBudget, Renderer
 from service.cache import MemcachedOriginals, OriginalStore, origins_namespace
 from service.config import Config
 from service.errors import Overloaded, PhizerError
+from service.gallery import GalleryResource
 from service.guards import configure_decoders
 from service.identity import etag_matches, preset_fingerprints, rendition_etag
+from service.metrics import (
+    DEADLINES,
+    INTERMEDIATES,
+    REQUESTS,
+    SHED,
+    Timings,
+    access_log,
+    exposition,
+)
 from service.offload import make_spawn
 from service.origins import OriginChain, make_origin
 from service.pipeline import Pipeline
 from service.presets import ImageRequest, format_token, negotiates, parse_path
+from service.purge import CACHE_DIR_ENV, PURGE_PATH, PurgeResource
 
 log = logging.getLogger(__name__)
 
 # Statuses that say something about the original itself (nginx caches them for cache_valid_404, too).
 ORIGINAL_VERDICTS = (404, 413, 415, 422)
+# An incoming X-Request-ID is kept when it looks like one (nginx sets a valid one); anything else is replaced.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+QUIET_PATHS = ("/healthz", "/readyz", "/metrics")  # polled by machines: no access log line
 
 
 class ImageResource:
@@ -56,6 +72,8 @@ class ImageResource:
         )
         token = format_token(request, req.get_header("Accept"))
         fingerprint = self.fingerprints[request.preset.name]
+        timings: Timings = req.context.timings
+        req.context.fields.update(preset=request.preset.name, key=request.key, format=request.format or token)
         resp.set_header("Cache-Control", self.config.cache_control)
         if negotiates(request):
             resp.set_header("Vary", "Accept")
@@ -66,15 +84,23 @@ class ImageResource:
             digest = self.store.digest(request.key)
             if digest is not None and self._not_modified(resp, if_none_match, digest, fingerprint, request, token):
                 return
-        original = before_deadline(lambda: self.store.get(request.key), deadline)
+        with timings.stage("original"):
+            original = self.store.get(request.key, timings, deadline)
         if self._not_modified(resp, if_none_match, original.digest, fingerprint, request, token):
             return
         rendition = self.renderer.render(
             lambda: self.pipeline.render(
-                original.data, original.digest, request.preset, negotiated=token, forced_format=request.format
+                original.data,
+                original.digest,
+                request.preset,
+                negotiated=token,
+                forced_format=request.format,
+                timings=timings,
             ),
             deadline,
+            timings,
         )
+        req.context.fields["format"] = rendition.format
         resp.content_type = rendition.content_type
         resp.data = rendition.body
 
@@ -144,15 +170,35 @@ def create_app(
         resp.text = "ok\n"
         resp.set_header("Cache-Control", "no-store")
 
+    def readyz(req: falcon.Request, resp: falcon.Response) -> None:
+        """Ready when memcached and every origin answer (each probe has its own short timeout)."""
+        problems = store.readiness()
+        resp.content_type = falcon.MEDIA_TEXT
+        resp.set_header("Cache-Control", "no-store")
+        if problems:
+            resp.status = falcon.HTTP_503
+            resp.text = "not ready: unreachable " + ", ".join(problems) + "\n"
+        else:
+            resp.text = "ready\n"
+
+    def metrics(req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        resp.data = exposition()
+        resp.set_header("Cache-Control", "no-store")
+
     app.add_route("/presets.json", _Get(presets))
     app.add_route("/healthz", _Get(healthz))
+    app.add_route("/readyz", _Get(readyz))
+    if config.gallery:
+        app.add_route("/", GalleryResource(config))
+    app.add_route("/metrics", _Get(metrics))
+    app.add_route(PURGE_PATH, PurgeResource(config, store, os.environ.get(CACHE_DIR_ENV)))  # loopback only (nginx)
     app.add_sink(ImageResource(config, store, pipeline, renderer, instance), prefix="/")
-    app.add_middleware(_SecurityHeaders())
+    app.add_middleware(_Observe(instance))
 
     def on_phizer_error(req: falcon.Request, resp: falcon.Response, exc: PhizerError, params: Any) -> None:
         if exc.detail:
-            level = logging.WARNING if exc.status >= 500 else logging.INFO
-            log.log(level, "%s %s: %d %s (%s)", req.method, req.path, exc.status, exc.reason, exc.detail)
+            req.context.fields["detail"] = exc.detail  # logged, never shown
         resp.status = exc.status
         resp.content_type = falcon.MEDIA_TEXT
         resp.text = exc.reason + "\n"
@@ -183,12 +229,44 @@ def create_app(
     return app
 
 
-class _SecurityHeaders:
-    """``X-Content-Type-Options: nosniff`` on every response: browsers take the Content-Type phizer sets (always
-    the encoded output's) and never sniff an image as something else."""
+class _Observe:
+    """Every response: its request id (nginx's, else a new one), Server-Timing, nosniff; every image request: its
+    metrics and one JSON log line (request id, preset, key, format, status, bytes, stages, where the original
+    came from, instance; an error's detail, which the client never sees)."""
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        incoming = req.get_header("X-Request-ID") or ""
+        req.context.request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        req.context.timings = Timings()
+        req.context.fields = {}
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool) -> None:
+        timings: Timings = req.context.timings
+        # Browsers take the Content-Type phizer sets (always the encoded output's), never sniff.
         resp.set_header("X-Content-Type-Options", "nosniff")
+        resp.set_header("X-Request-ID", req.context.request_id)
+        resp.set_header("Server-Timing", timings.server_timing())
+        if req.path in QUIET_PATHS:
+            return
+        status = int(str(resp.status).split()[0])
+        fields = req.context.fields
+        if "preset" in fields:
+            REQUESTS.labels(fields["preset"], fields.get("format", ""), str(status)).inc()
+            timings.observe()
+            if timings.intermediate:
+                INTERMEDIATES.labels(timings.intermediate).inc()
+        if status == 503:
+            SHED.inc()
+        elif status == 504:
+            DEADLINES.inc()
+        line = {"request_id": req.context.request_id, "method": req.method, "path": req.path, **fields}
+        line.update(status=status, bytes=len(resp.data or b""), original=timings.source or None)
+        line.update(stages_ms={name: round(s * 1000, 1) for name, s in dict(timings.stages).items()})
+        line.update(instance=self.instance or None)
+        access_log.info("", extra={"fields": line})
 
 
 class _Get:

@@ -32,6 +32,7 @@ from typing import TypeVar
 from gevent import monkey
 
 from service.errors import GatewayTimeout, Overloaded
+from service.metrics import RENDERS_IN_FLIGHT, RENDERS_QUEUED, Timings
 from service.offload import Spawn, native_lock
 
 T = TypeVar("T")
@@ -39,25 +40,33 @@ POLL_START, POLL_MAX = 0.002, 0.02  # seconds between attempts while waiting for
 
 
 def before_deadline(fn: Callable[[], T], deadline: float) -> T:
-    """Run ``fn`` (I/O: memcached, the origins), giving up with 504 at ``deadline``.
+    """Run ``fn`` (an origin fetch), giving up with 504 at ``deadline``.
 
-    Under gevent the timeout interrupts ``fn``'s socket waits: it is raised there as a GatewayTimeout, an ordinary
-    exception, so the clients' own clean-up (closing a half-read connection) runs. Without gevent (tests, tools)
-    the origins' own timeouts bound ``fn`` and the deadline is checked after it.
+    Under gevent the timeout interrupts ``fn``'s socket waits as gevent's own Timeout, a BaseException: libraries
+    that catch Exception and retry (botocore wraps any error of a send in a retryable one) cannot swallow it, and
+    urllib3 closes the connection it interrupted. Without gevent (tests, tools) the origins' own timeouts bound
+    ``fn`` and the deadline is checked after it. Not for memcached: its pool would lose the interrupted client,
+    and its own short timeouts bound it anyway.
     """
     remaining = deadline - time.monotonic()
-    timeout = GatewayTimeout("the original did not arrive before the request's deadline")
+    late = GatewayTimeout("the original did not arrive before the request's deadline")
     if remaining <= 0:
-        raise timeout
+        raise late
     if not monkey.is_module_patched("socket"):
         result = fn()
     else:
         import gevent
 
-        with gevent.Timeout(remaining, timeout):
-            result = fn()
+        timeout = gevent.Timeout(remaining)
+        try:
+            with timeout:
+                result = fn()
+        except gevent.Timeout as exc:
+            if exc is not timeout:
+                raise
+            raise late from None
     if time.monotonic() > deadline:
-        raise timeout
+        raise late
     return result
 
 
@@ -102,8 +111,12 @@ class Renderer:
         self.queue = queue
         self.waiting = 0  # requests of this instance waiting for a slot (only touched on the event loop)
 
-    def render(self, fn: Callable[[], T], deadline: float) -> T:
-        slot = self._acquire(deadline)
+    def render(self, fn: Callable[[], T], deadline: float, timings: Timings | None = None) -> T:
+        """``fn()`` on a render thread, once a slot is free; ``timings`` learns the wait. Metrics are only touched
+        here, on the event loop: prometheus_client's locks are gevent's after monkey-patching, not for threads."""
+        timings = timings if timings is not None else Timings()
+        with timings.stage("wait"):
+            slot = self._acquire(deadline)
         if time.monotonic() >= deadline:
             self.budget.release(slot)
             raise GatewayTimeout("render did not start before the request's deadline")
@@ -114,10 +127,13 @@ class Renderer:
             finally:
                 self.budget.release(slot)  # only when the render is over, even if its request gave up
 
+        RENDERS_IN_FLIGHT.inc()
         try:
             return self.spawn(run).get(timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError as exc:
             raise GatewayTimeout("render did not finish before the request's deadline") from exc
+        finally:
+            RENDERS_IN_FLIGHT.dec()
 
     def _acquire(self, deadline: float) -> int:
         slot = self.budget.try_acquire()
@@ -128,6 +144,7 @@ class Renderer:
         until = min(deadline, time.monotonic() + self.wait)
         pause = POLL_START
         self.waiting += 1
+        RENDERS_QUEUED.inc()
         try:
             while time.monotonic() < until:
                 time.sleep(pause)  # a greenlet switch under gevent
@@ -137,4 +154,5 @@ class Renderer:
                 pause = min(pause * 2, POLL_MAX)
         finally:
             self.waiting -= 1
+            RENDERS_QUEUED.dec()
         raise Overloaded("busy rendering other images", retry_after=1)

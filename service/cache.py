@@ -25,7 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from service.budget import before_deadline
 from service.config import Limits, MemcachedOptions
+from service.metrics import ORIGINALS, Timings
 from service.origins import DIGEST_CHARS, Original, content_digest
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,23 @@ class MemcachedOriginals:
             no_delay=True,
         )
 
+    def unreachable(self) -> list[str]:
+        """The servers that do not answer ``version`` within the timeout (for /readyz; a fresh connection each,
+        so the pool's dead-server bookkeeping is neither used nor disturbed)."""
+        from pymemcache.client.base import Client
+
+        down = []
+        for server in self.options.servers:
+            host, _, port = server.rpartition(":")
+            client = Client((host, int(port)), connect_timeout=self.timeout, timeout=self.timeout)
+            try:
+                client.version()
+            except Exception:
+                down.append(server)
+            finally:
+                client.close()
+        return down
+
     def get(self, key: str) -> Original | None:
         head_key = cache_key(self.namespace, key)
         try:
@@ -134,6 +153,20 @@ class MemcachedOriginals:
             log.warning("memcached get failed: %s", exc)
             return None
         return head.digest if head is not None else None
+
+    def delete(self, key: str) -> bool:
+        """Remove an original (``phizer purge``): its head first, so readers miss from then on, then the chunks
+        it names. True when a head was there; a failure is logged and reported as False."""
+        head_key = cache_key(self.namespace, key)
+        try:
+            head = self._head(head_key)
+            self.client.delete(head_key, noreply=False)
+            if head is not None:
+                self.client.delete_many(chunk_keys(head_key, head.digest, head.count), noreply=False)
+        except Exception as exc:
+            log.warning("memcached delete failed: %s", exc)
+            return False
+        return head is not None
 
     def _head(self, head_key: str) -> Head | None:
         """Read and check a head item; one that ``set`` could not have written (garbage, a size over the limit, a
@@ -219,20 +252,48 @@ class OriginalStore:
         self.background = background
         self.flight = SingleFlight()
 
-    def get(self, key: str) -> Original:
-        return self.flight.do(key, lambda: self._load(key))
+    def get(self, key: str, timings: Timings | None = None, deadline: float | None = None) -> Original:
+        """The original for ``key``; ``timings`` learns where it came from and the memcached and fetch stages.
+
+        A fetch from the origins gives up at ``deadline`` (504); memcached's own short timeouts bound the rest.
+        """
+        timings = timings if timings is not None else Timings()
+        original = self.flight.do(key, lambda: self._load(key, timings, deadline))
+        if not timings.source:
+            timings.source = "shared"  # another request of this instance fetched it; this one waited
+        return original
+
+    def readiness(self) -> list[str]:
+        """What keeps this store from serving as it should: unreachable memcached servers and origins."""
+        problems = []
+        if self.cache is not None and (down := self.cache.unreachable()):
+            log.warning("readiness: memcached unreachable: %s", ", ".join(down))
+            problems.append(f"{len(down)} of {len(self.cache.options.servers)} memcached servers")
+        probe = getattr(self.origins, "unreachable", None)  # the real chain; fakes in tests may not probe
+        return problems + (probe() if probe is not None else [])
 
     def digest(self, key: str) -> str | None:
         """The original's digest if memcached has it, else None (also without a cache): the origins are never
         asked, so a conditional request costs one small memcached read at most."""
         return self.cache.digest(key) if self.cache is not None else None
 
-    def _load(self, key: str) -> Original:
+    def delete(self, key: str) -> bool:
+        """Forget the original in memcached (``phizer purge``); True when it was cached there."""
+        return self.cache.delete(key) if self.cache is not None else False
+
+    def _load(self, key: str, timings: Timings, deadline: float | None) -> Original:
         if self.cache is not None:
-            cached = self.cache.get(key)
+            with timings.stage("memcached"):
+                cached = self.cache.get(key)
             if cached is not None:
+                timings.source = "memcached"
+                ORIGINALS.labels("memcached").inc()
                 return cached
-        original = self.origins.fetch(key)
+        with timings.stage("fetch"):
+            fetch = functools.partial(self.origins.fetch, key)
+            original = fetch() if deadline is None else before_deadline(fetch, deadline)
+        timings.source = "origin"
+        ORIGINALS.labels("origin").inc()
         if self.cache is not None and self.background:
             threading.Thread(target=self.cache.set, args=(key, original), name="memcached-store", daemon=True).start()
         elif self.cache is not None:

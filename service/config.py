@@ -100,6 +100,7 @@ class Config:
     # $PHIZER_SLOTS_DIR (service/budget.py); each instance may use them all, so an idle core can be borrowed.
     render_threads: int = 0
     instance_header: bool = True  # X-Phizer-Instance on responses (debugging aid; the Ansible role turns it off)
+    gallery: bool = True  # GET / shows the originals at every preset (service/gallery.py; off in the Ansible role)
 
 
 def _check_type(path: str, value: Any, expected: type | tuple[type, ...]) -> Any:

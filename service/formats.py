@@ -24,6 +24,10 @@ ANIMATED_SOURCES = ("GIF", "WEBP", "PNG")
 ANIMATED_OUTPUTS = ("gif", "webp")
 # The largest width or height each encoder can write.
 MAX_DIMENSIONS = {"jpeg": 65_535, "png": 2**31 - 1, "webp": 16_383, "gif": 65_535}
+# Animation fields both animated outputs can hold (GIF: 16-bit loop count, frame delays in 16-bit hundredths of a
+# second; WebP: 16-bit loop count). APNG and WebP inputs can declare more: clamped, never a 500.
+MAX_LOOP = 65_535
+MAX_FRAME_MS = 655_350
 
 ORIENTATION_TAG = 0x0112
 EXIF_TAG_IDS = {name.lower(): int(tag) for name, tag in ExifTags.Base.__members__.items()}

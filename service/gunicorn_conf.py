@@ -4,9 +4,32 @@ nginx hashes each original onto one instance, so an instance is a single process
 split one original's requests again. Bind address comes from the command line (``--bind``), one unix
 socket or port per instance. No ``preload_app``: boto3 and pymemcache clients must be created after
 gevent has monkey-patched the worker (see ../shared/NOTES.md), which the app does lazily.
+
+Memory ceiling: the worker is recycled before it grows past a size, by two triggers that both end it the graceful
+way (gunicorn's ``worker.alive = False``: it stops accepting, finishes the requests it holds, up to
+``graceful_timeout``, and exits; the master starts a fresh worker on the same listening socket, whose backlog
+holds new connections meanwhile, so no request fails):
+
+- ``max_requests`` (PHIZER_MAX_REQUESTS, default 5000; 0 disables) plus up to ``max_requests_jitter``
+  (PHIZER_MAX_REQUESTS_JITTER, default a tenth of it): a periodic fresh start that needs no measurement. It bounds
+  what grows slowly without ever looking big at one moment (heap fragmentation in the malloc arenas, caches of the
+  libraries); the jitter keeps a host's instances, which nginx feeds about equally, from recycling together.
+- an RSS check (``pre_request`` below; PHIZER_MAX_RSS_MB, default 1024; 0 disables): a request count is blind to
+  size, and a burst of large originals can push a worker past any ceiling long before its N-th request, while a
+  quiet worker that stays small would be recycled for nothing. The check reads /proc/self/statm (a few
+  microseconds) before each request; over the limit, that request is still served (with ``Connection: close``)
+  and the worker then exits as above.
+
+Neither can stop one request that alone needs too much: that is the hard ceiling's job (systemd ``MemoryMax`` in
+the Ansible role, set above PHIZER_MAX_RSS_MB so the graceful recycle comes first; the kernel kills the instance
+at MemoryMax, failing its requests in flight, and systemd restarts it).
 """
 
+import contextlib
 import os
+import socket
+import weakref
+from typing import Any
 
 worker_class = "gevent"
 workers = 1
@@ -24,6 +47,79 @@ accesslog = None  # nginx logs every request; the app logs only errors
 errorlog = "-"
 loglevel = os.environ.get("PHIZER_LOG_LEVEL", "info")
 proc_name = "phizer-" + os.environ.get("PHIZER_INSTANCE", "app")
+max_requests = int(os.environ.get("PHIZER_MAX_REQUESTS", "5000"))
+max_requests_jitter = int(os.environ.get("PHIZER_MAX_REQUESTS_JITTER", str(max_requests // 10)))
+MAX_RSS_BYTES = int(os.environ.get("PHIZER_MAX_RSS_MB", "1024")) * 1024 * 1024
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    """Resident size of this process: the second field of /proc/self/statm, in pages."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * PAGE_BYTES
+
+
+def pre_request(worker: Any, req: Any) -> None:
+    """Recycle the worker gracefully once its RSS passed PHIZER_MAX_RSS_MB (see the module's docstring).
+
+    Checked before the request rather than after it: gunicorn reads ``alive`` right after this hook, so the
+    request that finds the worker too big is still served, with ``Connection: close``.
+    """
+    worker.log.debug("%s %s", req.method, req.path)  # gunicorn's default pre_request, which this replaces
+    sock = _connection(req)
+    if sock is not None:
+        _idle_connections.discard(sock)  # busy again (see post_request)
+    if MAX_RSS_BYTES > 0 and worker.alive:
+        rss = rss_bytes()
+        if rss > MAX_RSS_BYTES:
+            worker.log.info(
+                "Recycling worker after current requests: RSS %d MiB > PHIZER_MAX_RSS_MB=%d",
+                rss >> 20,
+                MAX_RSS_BYTES >> 20,
+            )
+            worker.alive = False
+
+
+def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    """Once the worker is going away (a recycle or a stop), let go of its idle kept-alive connections.
+
+    nginx keeps idle connections to the instance (upstream ``keepalive``). A worker that stopped accepting waits
+    for every connection it holds, up to ``graceful_timeout``, before it exits, and idle ones never end by
+    themselves: measured, every recycle then held new connections in the listening socket's backlog for the
+    whole 10 s (the fresh worker starts only after the old one exited), and gunicorn finally wrote an unsolicited
+    500 on each idle connection it killed. Shutting their reading side ends each waiting handler at once (gunicorn
+    closes the connection quietly, nginx drops it from its cache), so the worker exits as soon as the requests it
+    is serving are done. A request nginx was sending at that very moment gets a connection error on a cached
+    connection, which nginx retries on another connection (``proxy_next_upstream error``).
+    """
+    sock = _connection(req)
+    if worker.alive:
+        if sock is not None and resp is not None and not resp.should_close():
+            _idle_connections.add(sock)  # waits for its next request; pre_request takes it out again
+        return
+    for idle in [*_idle_connections, sock]:
+        if idle is not None:
+            with contextlib.suppress(OSError):
+                # The kernel socket under gevent's: gevent's own shutdown() would throw EBADF into the waiting
+                # handler (logged as an error); the kernel's makes its read return end-of-file, a quiet close.
+                getattr(idle, "_sock", idle).shutdown(socket.SHUT_RD)
+    _idle_connections.clear()
+
+
+_idle_connections: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # gone when gunicorn drops the socket
+
+
+def _connection(req: Any) -> socket.socket | None:
+    """The client socket a gunicorn (27) request is read from, or None if gunicorn keeps it elsewhere."""
+    return getattr(getattr(req, "unreader", None), "sock", None)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker is gone (recycled, killed): drop its live gauges from the host's /metrics (its counters stay)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
 
 
 def post_fork(server: object, worker: object) -> None:

@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import pwd
+import shutil
 import signal
 import socket
 import sys
@@ -133,6 +134,11 @@ class Stack:
     def access_log(self) -> Path:
         return self.logs / "access.log"
 
+    @property
+    def metrics_dir(self) -> Path:
+        """prometheus_client's multiprocess folder: every instance's metric files (emptied at each start)."""
+        return self.state_dir / "run" / "metrics"
+
     def instance_name(self, index: int) -> str:
         return f"app-{index}"
 
@@ -146,6 +152,8 @@ class Stack:
             _check_port_free(self.host, self.port)
             for sub in ("logs", "run"):
                 (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)  # a previous run's counters are not this one's
+            self.metrics_dir.mkdir()
             if self._shared_memcached is None:
                 self._start_memcached()
             self.instances = [self._spawn_instance(i) for i in range(self.instance_count)]
@@ -179,6 +187,8 @@ class Stack:
             "PHIZER_INSTANCE": name,
             "PHIZER_MEMCACHED": ",".join(self.memcached_servers),
             "PHIZER_SLOTS_DIR": str(self.state_dir / "run" / "slots"),  # the host's render budget (budget.py)
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),  # one /metrics for every instance (metrics.py)
+            "PHIZER_NGINX_CACHE_DIR": str(self.state_dir / "cache"),  # the template's cache_dir: purge.py deletes there
         }
         return Process(name, [*argv, WSGI_APP], log=self.logs / f"{name}.log", env=env, cwd=REPO_ROOT)
 
@@ -193,6 +203,7 @@ class Stack:
                 # As root, workers run as root too: the state folder (often a 0700 temp folder in tests)
                 # belongs to the invoking user; a deployment (Ansible) sets its own unprivileged user.
                 user=pwd.getpwuid(os.geteuid()).pw_name if os.geteuid() == 0 else "",
+                admin_allow=_split({**os.environ, **self.env}.get("PHIZER_ADMIN_ALLOW", "")),  # besides loopback
             )
         )
         argv = [NGINX, "-p", str(self.state_dir), "-c", str(conf), "-e", str(self.logs / "error.log")]
@@ -262,10 +273,15 @@ def _hints(stack: Stack) -> str:
     if stack.config.origins != (f"file://{SAMPLES}",) or not {"small", "thumb"} <= set(stack.config.presets):
         return f"presets: {url}/presets.json"
     return (
+        f"open: {url}/   (the gallery: every sample at every preset)\n"
         f"try: curl -sI {url}/small/storm.jpg   (twice: X-Cache-Status MISS, then HIT)\n"
         f"     {url}/thumb/wine-exif-orientation-6.jpg   (150x150, upright: stored sideways with EXIF orientation)\n"
         f"     {url}/presets.json   (every preset)"
     )
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 class _Interrupted(Exception):
@@ -279,8 +295,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise _Interrupted(signal.Signals(signum).name)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.launcher", description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str = "python -m service.launcher") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--host",
         default=os.environ.get("PHIZER_HOST", "127.0.0.1"),

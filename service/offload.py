@@ -48,19 +48,32 @@ def make_spawn(threads: int) -> Spawn:
         pool = ThreadPool(threads)
 
         def spawn_gevent(fn: Callable[[], Any]) -> Pending[Any]:
-            result = pool.spawn(fn)
+            # The outcome comes back as a value: gevent's pool prints a traceback for every exception raised on
+            # its threads, and a 413 for a bomb is an answer, not an error to log (it would bury the real ones).
+            result = pool.spawn(_outcome, fn)
 
             def wait(timeout: float | None) -> Any:
                 try:
-                    return result.get(timeout=timeout)
+                    raised, value = result.get(timeout=timeout)
                 except gevent.Timeout as exc:
                     raise TimeoutError from exc
+                if raised:
+                    raise value
+                return value
 
             return Pending(wait)
 
         return spawn_gevent
     executor = ThreadPoolExecutor(threads, thread_name_prefix="render")
     return lambda fn: Pending(executor.submit(fn).result)
+
+
+def _outcome(fn: Callable[[], T]) -> tuple[bool, Any]:
+    """``(False, fn())``, or ``(True, the exception it raised)``."""
+    try:
+        return False, fn()
+    except Exception as exc:
+        return True, exc
 
 
 def make_offload(threads: int) -> Offload[Any]:

@@ -3,29 +3,47 @@
 The chain is phizer's answer to "a fresh upload is not in S3 yet": origins are tried in the configured order and
 the first that has the key wins, so the upload web server can sit behind S3 as a fallback. A key that is missing
 everywhere is a 404; but if any origin *failed*, the key may well exist there, so the answer is 502/504 and
-nothing is cached as missing. Every network call has a timeout and every body a size limit.
+nothing is cached as missing. Every network call has a timeout, every body a size limit and a deadline.
+
+An HTTP origin is a server phizer was pointed at, not one it should be steered to: it follows no redirect unless its
+URL says so (and then only on its own host), and it connects only to public addresses unless
+``allow_private_origins`` is set, so neither a DNS answer nor a redirect can point phizer at the internal network
+(a cloud metadata service, an admin port). S3 origins are exempt: their endpoint is operator config, often a
+private MinIO or Ceph.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
+import ipaddress
 import logging
+import os
+import socket
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import urllib3
+from urllib3.util.connection import allowed_gai_family, create_connection
 
 from service.config import Config, ConfigError, Limits
 from service.errors import BadGateway, GatewayTimeout, NotFound, TooLarge
+from service.metrics import ORIGIN_ERRORS
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
+PROBE_TIMEOUT = 1.0  # seconds a readiness probe (/readyz) waits for an origin
+ERROR_BODY_BYTES = 64 * 1024  # error and redirect bodies up to this size are read away, keeping the connection
+MAX_REDIRECTS = 3  # hops followed with ?redirects=same-host
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+DEFAULT_PORTS = {"http": 80, "https": 443}
 DIGEST_CHARS = 32  # hex characters of SHA-256 kept: 128 bits
 
 
@@ -58,17 +76,22 @@ class OriginTimeout(OriginFailure):
 
 
 class Origin(Protocol):
-    """One place originals may be: ``fetch`` returns the bytes, or None when the key is not there."""
+    """One place originals may be: ``fetch`` returns the bytes, or None when the key is not there; ``probe``
+    (for /readyz) raises OriginFailure when the origin cannot be reached at all."""
 
     url: str
 
     def fetch(self, key: str) -> bytes | None: ...
 
+    def probe(self) -> None: ...
+
 
 def read_limited(chunks: Iterator[bytes], max_bytes: int, deadline: float, what: str) -> bytes:
     """Join streamed chunks, refusing bodies over ``max_bytes`` and reads that outlast ``deadline``.
 
-    Per-read socket timeouts alone would let an origin that drips a byte a second hold a request forever.
+    Per-read socket timeouts alone would let an origin that drips a byte a second hold a request forever. The
+    deadline is checked after each chunk, so each must come from one socket read (see ``reads``): a request then
+    ends at most one read timeout after the deadline.
     """
     parts: list[bytes] = []
     size = 0
@@ -82,13 +105,43 @@ def read_limited(chunks: Iterator[bytes], max_bytes: int, deadline: float, what:
     return b"".join(parts)
 
 
+def reads(read1: Callable[[int], bytes | None]) -> Iterator[bytes]:
+    """A body as the socket delivers it, up to READ_CHUNK at a time, from a ``read1``-style method.
+
+    ``read(n)`` waits until n bytes have arrived, one socket read after another, each within the read timeout: an
+    origin dripping a byte at a time keeps a 256 KiB read going for days, and the deadline is never checked.
+    """
+    while chunk := read1(READ_CHUNK):
+        yield chunk
+
+
+def url_options(url: str, allowed: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+    """An origin URL's query options, each at most once and with one of its allowed values (the first is the default).
+
+    Anything else is a ConfigError: a misspelt option silently ignored would leave the default in force with the
+    operator none the wiser.
+    """
+    parts = urllib.parse.urlsplit(url)
+    options = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    names = [name for name, _ in options]
+    if len(set(names)) < len(names) or any(value not in allowed.get(name, ()) for name, value in options):
+        choices = "; ".join(" or ".join(f"{name}={value}" for value in values) for name, values in allowed.items())
+        raise ConfigError(f"{url}: {parts.scheme} origins take {choices or 'no options'}; got {parts.query!r}")
+    return {name: values[0] for name, values in allowed.items()} | dict(options)
+
+
 class FileOrigin:
     """Originals in a local folder. Keys never escape it, not even through symlinks."""
 
     def __init__(self, url: str, limits: Limits) -> None:
+        url_options(url, {})
         self.url = url
         self.root = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).resolve()
         self.limits = limits
+
+    def probe(self) -> None:
+        if not (self.root.is_dir() and os.access(self.root, os.R_OK | os.X_OK)):
+            raise OriginFailure(f"{self.url}: not a readable folder")
 
     def fetch(self, key: str) -> bytes | None:
         path = (self.root / key).resolve()
@@ -104,63 +157,214 @@ class FileOrigin:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:  # no file can have that name: a client's key, not a failure
+                return None
             raise OriginFailure(f"{self.url}: {exc.strerror}") from exc
 
 
-class HttpOrigin:
-    """An HTTP(S) server holding originals under a prefix, e.g. the upload web server as a fallback."""
+def address_refusal(address: str) -> str | None:
+    """Why an HTTP origin may not connect to ``address`` (None: it may): anything not globally routable.
 
-    def __init__(self, url: str, limits: Limits) -> None:
-        self.url = url.rstrip("/")
+    An IPv4-mapped IPv6 address (``::ffff:127.0.0.1``) reaches, and is judged as, its IPv4 address.
+    """
+    ip = ipaddress.ip_address(address.partition("%")[0])  # an IPv6 zone (fe80::1%eth0) is not part of the address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    kinds = (
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("unspecified", ip.is_unspecified),
+        ("reserved", ip.is_reserved),
+        ("private", ip.is_private),
+        ("not globally routable", not ip.is_global),  # e.g. 100.64.0.0/10, carrier-grade NAT
+    )
+    return next((kind for kind, applies in kinds if applies), None)
+
+
+class _AddressRefused(Exception):
+    """A host resolved only to addresses an HTTP origin may not connect to; raised through urllib3 untouched."""
+
+
+class _PublicHTTPConnection(urllib3.connection.HTTPConnection):
+    """A connection that goes only to public addresses, and to exactly the address it checked.
+
+    The host name is resolved once, here; each address is checked and a permitted one is connected to by number,
+    so a second DNS answer (rebinding) cannot slip in between the check and the connection. The Host header, TLS
+    SNI and the certificate check still use the host name: only the socket's destination is chosen here.
+    """
+
+    def _new_conn(self) -> socket.socket:
+        try:
+            resolved = socket.getaddrinfo(self.host.strip("[]"), self.port, allowed_gai_family(), socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise urllib3.exceptions.NameResolutionError(self.host, self, exc) from exc
+        refused: list[str] = []
+        error: OSError | None = None
+        for *_, sockaddr in resolved:
+            address = str(sockaddr[0])
+            reason = address_refusal(address)
+            if reason:
+                refused.append(f"{address} ({reason})")
+                continue
+            try:
+                return create_connection((address, self.port), self.timeout, self.source_address, self.socket_options)
+            except OSError as exc:
+                error = exc
+        if error is None:
+            addresses = ", ".join(refused)
+            raise _AddressRefused(f"refused to connect to {self.host}: {addresses}; allow_private_origins is off")
+        if isinstance(error, TimeoutError):
+            raise urllib3.exceptions.ConnectTimeoutError(
+                self, f"Connection to {self.host} timed out. (connect timeout={self.timeout})"
+            ) from error
+        raise urllib3.exceptions.NewConnectionError(self, f"Failed to establish a new connection: {error}") from error
+
+
+class _PublicHTTPSConnection(_PublicHTTPConnection, urllib3.connection.HTTPSConnection):
+    """HTTPS to public addresses only: the checked socket, then urllib3's TLS on the host name."""
+
+
+class _PublicHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _PublicHTTPConnection
+
+
+class _PublicHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _PublicHTTPSConnection
+
+
+def _site(url: str) -> tuple[str, str | None, int | None] | None:
+    """Scheme, host and port: what a same-host redirect keeps (None for a port that is not a number)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        return parts.scheme, parts.hostname, parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return None
+
+
+class HttpOrigin:
+    """An HTTP(S) server holding originals under a prefix, e.g. the upload web server as a fallback.
+
+    Redirects are a policy: with ``?redirects=none`` (the default) any redirect is a failure (502), since an image
+    server that redirects usually means a wrong prefix or a login page; ``?redirects=same-host`` follows up to
+    MAX_REDIRECTS hops that keep the scheme, host and port. Unless ``allow_private`` is set, connections go to
+    public addresses only (see _PublicHTTPConnection), redirected ones included.
+    """
+
+    def __init__(self, url: str, limits: Limits, *, allow_private: bool = False) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.url = url
+        self.base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        self.follow_redirects = url_options(url, {"redirects": ("none", "same-host")})["redirects"] == "same-host"
         self.limits = limits
+        self.allow_private = allow_private
 
     @functools.cached_property
     def pool(self) -> urllib3.PoolManager:
         """Connections to the server, made on first use: in the worker, after gevent has patched sockets."""
-        return urllib3.PoolManager(
+        pool = urllib3.PoolManager(
             maxsize=64,
             block=False,
             retries=False,
             timeout=urllib3.Timeout(connect=self.limits.origin_connect_timeout, read=self.limits.origin_read_timeout),
             cert_reqs="CERT_REQUIRED",
         )
+        if not self.allow_private:
+            pool.pool_classes_by_scheme = {"http": _PublicHTTPPool, "https": _PublicHTTPSPool}
+        return pool
+
+    def probe(self) -> None:
+        """Any HTTP answer to a HEAD of the prefix is reachable; no answer (or a refused address) is not."""
+        try:
+            self.pool.request("HEAD", self.base + "/", redirect=False, timeout=PROBE_TIMEOUT)
+        except urllib3.exceptions.HTTPError as exc:
+            raise OriginFailure(f"{self.url}: {exc}") from exc
 
     def fetch(self, key: str) -> bytes | None:
-        url = f"{self.url}/{urllib.parse.quote(key, safe='/')}"
+        url = f"{self.base}/{urllib.parse.quote(key, safe='/')}"
         deadline = time.monotonic() + self.limits.origin_total_timeout
-        try:
-            resp = self.pool.request("GET", url, preload_content=False, redirect=True)
-        except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError) as exc:
-            raise OriginTimeout(f"{self.url}: timed out") from exc
-        except urllib3.exceptions.MaxRetryError as exc:
-            if isinstance(exc.reason, (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError)):
-                raise OriginTimeout(f"{self.url}: timed out") from exc
-            raise OriginFailure(f"{self.url}: {exc.reason}") from exc
-        except urllib3.exceptions.HTTPError as exc:
-            raise OriginFailure(f"{self.url}: {exc}") from exc
-        finished = False  # only a connection whose response was read to the end may be reused
-        try:
-            if resp.status != 200:
-                resp.drain_conn()  # error bodies are small; reading them keeps the connection reusable
-                finished = True
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = self._get(url)
+            reusable = False  # only a connection whose response was read to the end may be reused
+            try:
+                if resp.status == 200:
+                    length = resp.headers.get("Content-Length")
+                    if length and length.isdigit() and int(length) > self.limits.max_original_bytes:
+                        raise TooLarge(f"original larger than {self.limits.max_original_bytes} bytes")
+                    data = read_limited(reads(resp.read1), self.limits.max_original_bytes, deadline, self.url)
+                    reusable = True
+                    return data
+                reusable = self._discard(resp, deadline)
                 if resp.status in (404, 410):
                     return None
-                raise OriginFailure(f"{self.url}: HTTP {resp.status}")
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > self.limits.max_original_bytes:
-                raise TooLarge(f"original larger than {self.limits.max_original_bytes} bytes")
-            data = read_limited(resp.stream(READ_CHUNK), self.limits.max_original_bytes, deadline, self.url)
-            finished = True
-            return data
-        except urllib3.exceptions.ReadTimeoutError as exc:
+                if resp.status not in REDIRECT_STATUSES:
+                    raise OriginFailure(f"{self.url}: HTTP {resp.status}")
+                url = self._redirect(url, resp)
+            except urllib3.exceptions.ReadTimeoutError as exc:
+                raise OriginTimeout(f"{self.url}: timed out") from exc
+            except urllib3.exceptions.HTTPError as exc:
+                raise OriginFailure(f"{self.url}: {exc}") from exc
+            finally:
+                if reusable:
+                    resp.release_conn()
+                else:
+                    resp.close()
+        raise OriginFailure(f"{self.url}: more than {MAX_REDIRECTS} redirects")
+
+    def _get(self, url: str) -> urllib3.BaseHTTPResponse:
+        """Send the GET and read the response's head; the body is left to the caller."""
+        try:
+            return self.pool.request("GET", url, preload_content=False, redirect=False)
+        except _AddressRefused as exc:
+            raise OriginFailure(f"{self.url}: {exc}") from exc
+        except urllib3.exceptions.NewConnectionError as exc:  # refused, unresolvable: a failure, not a timeout
+            raise OriginFailure(f"{self.url}: {exc}") from exc  # (urllib3 derives it from ConnectTimeoutError)
+        except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError) as exc:
             raise OriginTimeout(f"{self.url}: timed out") from exc
         except urllib3.exceptions.HTTPError as exc:
             raise OriginFailure(f"{self.url}: {exc}") from exc
-        finally:
-            if finished:
-                resp.release_conn()
-            else:
-                resp.close()
+
+    def _discard(self, resp: urllib3.BaseHTTPResponse, deadline: float) -> bool:
+        """Read an error or redirect body away so its connection can be reused; False if it is too big, too slow or
+        broken (the connection is then closed instead). Within the deadline: an origin dripping its 404 page must
+        not hold a request either."""
+        try:
+            read_limited(reads(resp.read1), ERROR_BODY_BYTES, deadline, self.url)
+        except (TooLarge, OriginTimeout, urllib3.exceptions.HTTPError):
+            return False
+        return True
+
+    def _redirect(self, url: str, resp: urllib3.BaseHTTPResponse) -> str:
+        """Where a redirect from ``url`` leads, if this origin's policy lets it be followed; else an OriginFailure."""
+        location = resp.headers.get("Location")
+        if not location:
+            raise OriginFailure(f"{self.url}: HTTP {resp.status} without a Location")
+        target = urllib.parse.urljoin(url, location)
+        if not self.follow_redirects:
+            raise OriginFailure(
+                f"{self.url}: HTTP {resp.status} redirect to {target} not followed (redirects=none; "
+                "?redirects=same-host follows redirects on the origin's own host)"
+            )
+        if _site(target) != _site(self.base):
+            raise OriginFailure(f"{self.url}: HTTP {resp.status} redirect to {target}, another host, not followed")
+        return target
+
+
+class _ReadsAsTheyCome:
+    """botocore's raw stream (a urllib3 response), its ``read(n)`` answered by ``read1(n)``.
+
+    Put under a StreamingBody, this makes each of its reads one socket read (see ``reads``) while it still counts
+    the bytes against Content-Length and checks the checksum S3 sent; StreamingBody has no ``read1`` of its own.
+    """
+
+    def __init__(self, raw: urllib3.BaseHTTPResponse) -> None:
+        self.raw = raw
+
+    def read(self, amt: int | None = None) -> bytes:
+        return self.raw.read1(amt)
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 class S3Origin:
@@ -179,25 +383,42 @@ class S3Origin:
         self.url = url
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
-        self.forbidden_is_missing = _forbidden_is_missing(url, parts.query)
+        self.forbidden_is_missing = url_options(url, {"forbidden": ("failure", "missing")})["forbidden"] == "missing"
         self.limits = limits
         self.max_pool_connections = max_pool_connections
 
     @functools.cached_property
     def client(self) -> Any:
         """The boto3 client, made on first use: created before gevent's patching, TLS breaks (see NOTES.md)."""
+        limits = self.limits
+        return self._client(limits.origin_connect_timeout, limits.origin_read_timeout, 3, self.max_pool_connections)
+
+    @functools.cached_property
+    def probe_client(self) -> Any:
+        """A client for /readyz's probe: one short attempt, so an unreachable endpoint is said so quickly."""
+        return self._client(PROBE_TIMEOUT, PROBE_TIMEOUT, 1, 1)
+
+    @staticmethod
+    def _client(connect: float, read: float, attempts: int, pool: int) -> Any:
+        """A client making at most ``attempts`` attempts in all (botocore's max_attempts counts retries only)."""
         import boto3
         from botocore.config import Config as BotoConfig
 
-        return boto3.session.Session().client(
-            "s3",
-            config=BotoConfig(
-                connect_timeout=self.limits.origin_connect_timeout,
-                read_timeout=self.limits.origin_read_timeout,
-                retries={"max_attempts": 2, "mode": "standard"},
-                max_pool_connections=self.max_pool_connections,
-            ),
-        )
+        retries = {"total_max_attempts": attempts, "mode": "standard"}
+        config = BotoConfig(connect_timeout=connect, read_timeout=read, retries=retries, max_pool_connections=pool)
+        return boto3.session.Session().client("s3", config=config)
+
+    def probe(self) -> None:
+        """The bucket answers HEAD (403 counts: a reader without s3:ListBucket still reaches it)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.probe_client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("403", "AccessDenied"):
+                raise OriginFailure(f"{self.url}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise OriginFailure(f"{self.url}: {exc}") from exc
 
     def fetch(self, key: str) -> bytes | None:
         from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
@@ -206,12 +427,12 @@ class S3Origin:
         deadline = time.monotonic() + self.limits.origin_total_timeout
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=object_key)
-            if resp.get("ContentLength", 0) > self.limits.max_original_bytes:
-                resp["Body"].close()
-                raise TooLarge(f"original larger than {self.limits.max_original_bytes} bytes")
-            return read_limited(
-                resp["Body"].iter_chunks(READ_CHUNK), self.limits.max_original_bytes, deadline, self.url
-            )
+            # Closed on every way out: a half-read body left open holds its connection until garbage collection.
+            with contextlib.closing(resp["Body"]) as body:
+                if resp.get("ContentLength", 0) > self.limits.max_original_bytes:
+                    raise TooLarge(f"original larger than {self.limits.max_original_bytes} bytes")
+                body._raw_stream = _ReadsAsTheyCome(body._raw_stream)  # no public way in: see _ReadsAsTheyCome
+                return read_limited(body.iter_chunks(READ_CHUNK), self.limits.max_original_bytes, deadline, self.url)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound") or (code == "AccessDenied" and self.forbidden_is_missing):
@@ -223,15 +444,6 @@ class S3Origin:
             raise OriginFailure(f"{self.url}: {exc}") from exc
 
 
-def _forbidden_is_missing(url: str, query: str) -> bool:
-    """Read an s3 URL's options. Anything but one ``forbidden=failure|missing`` is a ConfigError: a misspelt
-    option silently ignored would leave the default in force with the operator none the wiser."""
-    options = urllib.parse.parse_qsl(query, keep_blank_values=True)
-    if len(options) > 1 or any(name != "forbidden" or value not in ("failure", "missing") for name, value in options):
-        raise ConfigError(f"{url}: s3 origins take one option, forbidden=failure or forbidden=missing; got {query!r}")
-    return options == [("forbidden", "missing")]
-
-
 def make_origin(url: str, config: Config) -> Origin:
     """Build the origin an URL names (the scheme picks the kind); raises ConfigError for options it does not know."""
     scheme = urllib.parse.urlsplit(url).scheme
@@ -239,7 +451,7 @@ def make_origin(url: str, config: Config) -> Origin:
         return S3Origin(url, config.limits, config.s3_max_pool_connections)
     if scheme == "file":
         return FileOrigin(url, config.limits)
-    return HttpOrigin(url, config.limits)
+    return HttpOrigin(url, config.limits, allow_private=config.allow_private_origins)
 
 
 class OriginChain:
@@ -248,6 +460,17 @@ class OriginChain:
     def __init__(self, origins: Sequence[Origin]) -> None:
         self.origins = list(origins)
 
+    def unreachable(self) -> list[str]:
+        """Origins that cannot be reached at all, as "origin N (kind)" (for /readyz; the detail goes to the log)."""
+        down = []
+        for index, origin in enumerate(self.origins, 1):
+            try:
+                origin.probe()
+            except OriginFailure as exc:
+                log.warning("readiness: origin %d unreachable: %s", index, exc)
+                down.append(f"origin {index} ({urllib.parse.urlsplit(origin.url).scheme})")
+        return down
+
     def fetch(self, key: str) -> Original:
         failures: list[OriginFailure] = []
         for origin in self.origins:
@@ -255,12 +478,14 @@ class OriginChain:
                 data = origin.fetch(key)
             except OriginFailure as exc:
                 log.warning("origin failed for %r: %s", key, exc)
+                ORIGIN_ERRORS.labels("timeout" if isinstance(exc, OriginTimeout) else "failure").inc()
                 failures.append(exc)
                 continue
             if data is not None:
                 return Original.from_bytes(data)
+        # The public reason never names an origin (bucket, host, path): the detail is for the log only.
         if failures and all(isinstance(exc, OriginTimeout) for exc in failures):
-            raise GatewayTimeout(f"origin timed out: {failures[-1]}")
+            raise GatewayTimeout("origin timed out", str(failures[-1]))
         if failures:
-            raise BadGateway(f"origin failed: {failures[-1]}")
+            raise BadGateway("origin failed", str(failures[-1]))
         raise NotFound(f"original {key!r} not found")

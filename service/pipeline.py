@@ -55,6 +55,8 @@ from service.formats import (
     CONTENT_TYPES,
     DECODERS,
     MAX_DIMENSIONS,
+    MAX_FRAME_MS,
+    MAX_LOOP,
     ORIENTATION_TAG,
     SAVE_FORMATS,
     SOURCE_FORMATS,
@@ -65,6 +67,7 @@ from service.formats import (
 from service.geometry import DRAFT_GAP, Layout, layout
 from service.guards import check_canvas, check_jpeg_scans, gif_frames
 from service.intermediates import Intermediate, IntermediateCache
+from service.metrics import Timings
 from service.presets import Preset
 
 # A truncated file must fail, never come out with a grey bottom half (this is Pillow's default; made explicit).
@@ -109,6 +112,7 @@ class RenderContext:
     icc: bytes | None
     exif: bytes | None  # the EXIF block the output keeps (config's keep_metadata), never the orientation
     frames: int  # > 0: served as an animation of this many frames
+    timings: Timings  # this request's stage durations (decode, resize, encode)
     format: str = ""  # decided once, by choose_output
 
 
@@ -183,8 +187,11 @@ def animation_frames(data: bytes, im: Image.Image, limits: Limits, encoding: Enc
     if im.format == "GIF":
         frames, canvas = gif_frames(data, limits.max_frames)
         check_canvas(canvas, limits)  # even a still decodes its first frame on the grown canvas
-    if not encoding.animation or im.format not in ANIMATED_SOURCES or not getattr(im, "is_animated", False):
+    if not encoding.animation or im.format not in ANIMATED_SOURCES:
         return 0
+    with decoding():  # Pillow seeks to the second frame to answer: a cut file fails right there
+        if not getattr(im, "is_animated", False):
+            return 0
     if im.format != "GIF":
         with decoding():
             frames = im.n_frames
@@ -333,22 +340,31 @@ class Pipeline:
         *,
         negotiated: str = "",
         forced_format: str | None = None,
+        timings: Timings | None = None,
     ) -> Rendition:
         """Render ``data`` (the original, whose content hash is ``digest``) at ``preset``.
 
-        ``negotiated`` is the request's format token (service/presets.py: "webp" when the client accepts it).
+        ``negotiated`` is the request's format token (service/presets.py: "webp" when the client accepts it);
+        ``timings`` (if given) learns how long decoding, resizing and encoding took.
         """
-        ctx = self.plan(data, preset, negotiated, forced_format)
+        ctx = self.plan(data, preset, negotiated, forced_format, timings)
         if ctx.frames and choose_output(ctx, True) in ANIMATED_OUTPUTS:
             return self.animation(ctx)
         ctx.frames = 0  # an animation asked for as JPEG/PNG is a still of its first frame
         im = self.still(ctx, digest)
         transparent = has_transparency(im)
         fmt = choose_output(ctx, transparent)
-        return encode(ctx, [flatten(im, fmt, transparent, self.encoding.background)], self.encoding)
+        im = flatten(im, fmt, transparent, self.encoding.background)
+        with ctx.timings.stage("encode"):
+            return encode(ctx, [im], self.encoding)
 
     def plan(
-        self, data: bytes, preset: Preset, negotiated: str = "", forced_format: str | None = None
+        self,
+        data: bytes,
+        preset: Preset,
+        negotiated: str = "",
+        forced_format: str | None = None,
+        timings: Timings | None = None,
     ) -> RenderContext:
         """Open the original (header only, limits checked) and work out the geometry for ``preset``."""
         im = open_image(data, self.limits)
@@ -368,12 +384,15 @@ class Pipeline:
             icc=im.info.get("icc_profile"),
             exif=kept_exif(exif, self.encoding.keep_metadata),
             frames=animation_frames(data, im, self.limits, self.encoding),
+            timings=timings if timings is not None else Timings(),
         )
 
     def still(self, ctx: RenderContext, digest: str | None) -> Image.Image:
         """Decode (or reuse an intermediate), crop and resize, orient, convert to sRGB: ready to encode."""
-        im = crop_resize(self.intermediate(ctx, digest), ctx.layout)
-        return to_srgb(orient(im, ctx.orientation), ctx.icc)
+        intermediate = self.intermediate(ctx, digest)
+        with ctx.timings.stage("resize"):
+            im = crop_resize(intermediate, ctx.layout)
+            return to_srgb(orient(im, ctx.orientation), ctx.icc)
 
     def intermediate(self, ctx: RenderContext, digest: str | None) -> Intermediate:
         """The decoded original at the size this preset needs (or a kept, bigger one).
@@ -381,21 +400,26 @@ class Pipeline:
         With a ``digest`` and a non-zero cache size, the result is kept for the original's next presets.
         """
         if digest is None or self.intermediates.max_bytes <= 0:
-            return load(ctx)
+            with ctx.timings.stage("decode"):
+                return load(ctx)
         kept = self.intermediates.get(digest, ctx.layout.decode_size)
+        ctx.timings.intermediate = "miss" if kept is None else "hit"
         if kept is not None:
             return kept
-        intermediate = reduced(load(ctx), ctx.layout.decode_size)
+        with ctx.timings.stage("decode"):
+            intermediate = reduced(load(ctx), ctx.layout.decode_size)
         self.intermediates.put(digest, intermediate)
         return intermediate
 
     def animation(self, ctx: RenderContext) -> Rendition:
         """Resize every frame (GIF/WebP give each frame fully composited), keeping durations and loop count."""
         frames, durations = [], []
-        with decoding():
+        with decoding(), ctx.timings.stage("decode"):
             for frame in ImageSequence.Iterator(ctx.source):
                 rgba = frame.convert("RGBA")  # loads the frame: only then does WebP fill in its duration
-                durations.append(frame.info.get("duration", 100))
+                durations.append(min(max(round(frame.info.get("duration", 100)), 0), MAX_FRAME_MS))
                 still = crop_resize(Intermediate(rgba, 1.0), ctx.layout)
                 frames.append(to_srgb(orient(still, ctx.orientation), ctx.icc))
-        return encode(ctx, frames, self.encoding, duration=durations, loop=ctx.source.info.get("loop", 0))
+        with ctx.timings.stage("encode"):
+            loop = min(int(ctx.source.info.get("loop", 0)), MAX_LOOP)
+            return encode(ctx, frames, self.encoding, duration=durations, loop=loop)

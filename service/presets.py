@@ -26,7 +26,7 @@ _EXTENSIONS = "|".join(sorted(SUFFIX_FORMATS))
 # A key with a format suffix: the suffix counts only after the key's own image extension, so neither
 # ``photo.webp`` nor ``storm_2.5mp.jpg`` is misread. Matched case-insensitively against the whole key.
 SUFFIX_PATTERN = rf"(?P<sfx_key>.*\.(?:{_EXTENSIONS}))\.(?P<sfx_ext>{_EXTENSIONS})"
-_SUFFIX_RE = re.compile(SUFFIX_PATTERN, re.IGNORECASE)
+_SUFFIX_RE = re.compile(SUFFIX_PATTERN, re.IGNORECASE | re.ASCII)  # ASCII case folding only, like nginx's ~*
 # Formats an "auto" preset negotiates, in order of preference: the token, and the media type that earns it
 # when the request's Accept header contains it (case-insensitively). The token is all of Accept that a
 # rendition depends on: nginx keys its cache on it and forwards only its media type.

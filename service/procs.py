@@ -18,6 +18,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 
+def children_by_parent() -> dict[int, list[int]]:
+    """Every running process's children, right now (parent pid -> pids), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    return children
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

@@ -3,14 +3,12 @@
 Imported after gevent's monkey-patching (no ``--preload``); network clients inside are created on first use.
 """
 
-import logging
 import os
 
 from service.app import create_app
 from service.config import load_config
+from service.metrics import configure_logging
 
-logging.basicConfig(
-    level=os.environ.get("PHIZER_LOG_LEVEL", "INFO").upper(), format="%(levelname)s %(name)s: %(message)s"
-)
+configure_logging(os.environ.get("PHIZER_LOG_LEVEL", "INFO"))
 
 app = create_app(load_config(), instance=os.environ.get("PHIZER_INSTANCE", ""))

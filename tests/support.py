@@ -94,7 +94,7 @@ def s3_client(endpoint: str, verify: str | None = None) -> Any:
     )
 
 
-class _QuietServer(http.server.ThreadingHTTPServer):
+class QuietServer(http.server.ThreadingHTTPServer):
     """Clients that hang up (timeouts under test) are expected here, not worth a traceback."""
 
     daemon_threads = True
@@ -107,7 +107,8 @@ class CountingProxy:
     """An HTTP server counting GETs per path; it forwards to ``upstream`` or serves ``files`` itself.
 
     ``delay`` (seconds, changeable at any time) is slept before every GET is answered, like a slow origin;
-    ``status`` forces an error answer (e.g. 500) instead.
+    ``status`` forces an error answer (e.g. 500) instead, with ``error_body`` and ``error_headers``; while
+    ``stall`` is an unset Event, GETs wait for it (up to 30 s) before being answered, like a hung origin.
     """
 
     def __init__(self, upstream: str | None = None, files: dict[str, bytes] | None = None) -> None:
@@ -116,6 +117,9 @@ class CountingProxy:
         self.gets: Counter[str] = Counter()
         self.delay = 0.0
         self.status: int | None = None
+        self.error_body = b"forced error\n"
+        self.error_headers: dict[str, str] = {}
+        self.stall: threading.Event | None = None
         self._lock = threading.Lock()
         proxy = self
 
@@ -128,8 +132,11 @@ class CountingProxy:
             def do_GET(self) -> None:
                 proxy._count(self.path)
                 time.sleep(proxy.delay)
+                stall = proxy.stall
+                if stall is not None:
+                    stall.wait(30)  # then answer, late: a client that timed out has long given up
                 if proxy.status is not None:
-                    self._answer(proxy.status, b"forced error\n", {})
+                    self._answer(proxy.status, proxy.error_body, proxy.error_headers)
                 elif proxy.upstream is None:
                     body = proxy.files.get(urllib.parse.unquote(urllib.parse.urlsplit(self.path).path))
                     self._answer(404, b"missing\n", {}) if body is None else self._answer(200, body, {})
@@ -160,7 +167,7 @@ class CountingProxy:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = _QuietServer(("127.0.0.1", 0), Handler)
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
@@ -189,7 +196,8 @@ def instance(
 ) -> Iterator[tuple[Process, str]]:
     """One real gunicorn+gevent phizer instance on a free port; yields the process and its base URL.
 
-    ``config`` is merged over the default config (e.g. {"limits": {...}}).
+    ``config`` is merged over the default config (e.g. {"limits": {...}}). HTTP origins may be private (every test
+    server is on 127.0.0.1); ``env={"PHIZER_ALLOW_PRIVATE_ORIGINS": "0"}`` turns the guard back on.
     """
     raw = yaml.safe_load((REPO / "service" / "default_config.yaml").read_text())
     raw.update(config or {})
@@ -213,6 +221,7 @@ def instance(
             "PHIZER_CONFIG": str(config_path),
             "PHIZER_ORIGINS": ",".join(origins),
             "PHIZER_MEMCACHED": ",".join(memcached_servers or []),
+            "PHIZER_ALLOW_PRIVATE_ORIGINS": "1",
             "PHIZER_INSTANCE": name,
             **(env or {}),
         },
@@ -227,7 +236,7 @@ def instance(
 
 
 def self_signed_cert(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 (and its key), to run an origin over HTTPS that clients can verify."""
+    """A certificate for 127.0.0.1 and localhost (and its key), to run an origin over HTTPS that clients can verify."""
     import datetime
     import ipaddress
 
@@ -247,7 +256,10 @@ def self_signed_cert(folder: Path) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )

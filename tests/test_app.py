@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import falcon.testing
@@ -21,7 +22,7 @@ class FakeStore:
         self.files = files
         self.requests: list[str] = []
 
-    def get(self, key: str) -> Original:
+    def get(self, key: str, timings: object = None, deadline: float | None = None) -> Original:
         self.requests.append(key)
         if key.startswith("down/"):
             raise BadGateway("origin failed: fake")
@@ -106,3 +107,11 @@ def test_falcons_own_errors_are_one_plain_line(client: falcon.testing.TestClient
     resp = client.simulate_post("/healthz")  # a route without on_post: Falcon's own 405
     assert (resp.status_code, resp.text) == (405, "405 method not allowed\n")
     assert resp.headers["content-type"].startswith("text/plain") and "GET" in resp.headers["allow"]
+
+
+def test_gallery_is_off_when_the_config_says_so(corpus: Path) -> None:
+    config = dataclasses.replace(load_config(environ={}), gallery=False)
+    off = falcon.testing.TestClient(create_app(config, store=FakeStore({})))
+    assert off.simulate_get("/").status_code == 404
+    on = falcon.testing.TestClient(create_app(load_config(environ={}), store=FakeStore({})))
+    assert on.simulate_get("/").status_code == 200 and "<img" in on.simulate_get("/").text  # the samples

@@ -3,7 +3,9 @@
 Both roots are converged by one inventory built on ansible/inventories/example (its group_vars, so the example
 is exercised too; only what must differ on one machine is overridden per host: ports, the chroot connection,
 the S3 endpoint). Then: a second converge must change nothing, systemd-analyze must find nothing to say about
-the installed units, and the services started from those units must serve an image from an S3 server on this
+the installed units and rate their exposure within bounds, memcached's firewall must parse and, loaded in a
+network namespace of its own, let in only the app hosts, and the services started from those units (under
+their seccomp and capability settings, see tests/chroot_host.py) must serve an image from an S3 server on this
 machine through each host's nginx, with the two hosts sharing one memcached pool.
 """
 
@@ -12,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,12 +32,13 @@ from PIL import Image
 from service.launcher import instance_ready
 from service.procs import free_port, http_ready, tcp_ready
 from tests import support
-from tests.chroot_host import CACHE, ChrootHost, Unit
+from tests.chroot_host import CACHE, CAPABILITIES, ChrootHost, Unit
 
 ANSIBLE = support.REPO / "ansible"
 EXAMPLE = ANSIBLE / "inventories" / "example"
 BUCKET = "phizer-deploy"
 HOSTS = ("host-a", "host-b")
+CLIENT_ADDRESSES = {"host-a": "127.0.0.11", "host-b": "127.0.0.12"}  # each app host's memcached_client_address
 INSTANCES = 2
 PHOTO = "04_picos_8mp_progressive.jpg"  # 1.8 MB: stored in memcached as several chunks
 WHEEL_DIR = "/var/cache/phizer/wheels"  # the phizer role's phizer_wheel_dir
@@ -42,7 +47,25 @@ RECAP = re.compile(
     r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)",
     re.MULTILINE,
 )
-UNITS = ("phizer@.service", "phizer.target", "memcached.service", "nginx.service")
+UNITS = (
+    "phizer@.service",
+    "phizer.target",
+    "memcached.service",
+    "phizer-memcached-firewall.service",
+    "nginx.service",
+)
+# systemd-analyze security's overall exposure (0 = fully locked down, 10 = unprotected), per unit: the most each may
+# reach, which is what systemd 252 rates the units at now (nginx's master runs as root, with the capabilities to
+# bind and to hand its workers their user; the firewall unit runs as root with CAP_NET_ADMIN): any setting taken
+# away fails the test.
+EXPOSURE = {
+    "phizer@0.service": 1.5,
+    "memcached.service": 1.4,
+    "nginx.service": 2.5,
+    "phizer-memcached-firewall.service": 2.5,
+}
+NFT_FILE = "/etc/nftables.d/phizer-memcached.nft"  # the memcached role's memcached_nft_file
+PHASES = (("start", "ExecStart"), ("reload", "ExecReload"), ("stop", "ExecStop"))  # of its firewall unit
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap, chroot and mount need root"),
@@ -125,6 +148,9 @@ def _inventory(folder: Path, hosts: dict[str, ChrootHost], s3_url: str) -> tuple
             "phizer_src": str(checkout),
             "nginx_template": str(checkout / "nginx" / "nginx.conf.j2"),
             "memcached_address": "127.0.0.1",
+            # What memcached's firewall lets in (the converge does not load it: no systemd). Loopback addresses of
+            # their own, so that test_memcached_firewall_lets_in_only_the_app_hosts can connect from them.
+            "memcached_client_address": CLIENT_ADDRESSES[name],
             "memcached_port": memcached_ports[name],
             "memcached_memory_mb": 64,
             "nginx_listen": f"127.0.0.1:{nginx_ports[name]}",
@@ -217,8 +243,116 @@ def test_units_verify_cleanly(deployment: Deployment) -> None:
         enabled = host.root / "etc/systemd/system/phizer.target.wants"
         assert sorted(p.name for p in enabled.iterdir()) == [f"phizer@{i}.service" for i in range(INSTANCES)]
         instance = Unit(host.root, "phizer@.service", "0")
-        hardening = {"User": "phizer", "Restart": "on-failure", "NoNewPrivileges": "yes", "ProtectSystem": "strict"}
+        hardening = {
+            "User": "phizer",
+            "Restart": "on-failure",
+            "NoNewPrivileges": "yes",
+            "ProtectSystem": "strict",
+            "MemoryDenyWriteExecute": "yes",
+            "MemoryMax": "1536M",  # the phizer role's phizer_memory_max
+        }
         assert {key: instance.one(key) for key in hardening} == hardening
+        # The graceful recycle (service/gunicorn_conf.py) comes first, below MemoryMax.
+        assert "PHIZER_MAX_REQUESTS=5000 PHIZER_MAX_RSS_MB=1024" in instance.settings["Environment"]
+
+
+def test_services_run_under_their_units_seccomp_and_capability_settings(deployment: Deployment) -> None:
+    """What the harness applies (tests/chroot_host.py), checked on the running main processes: the requests the
+    other tests make are served under the units' system call, address family and memory rules."""
+    for host in deployment.hosts.values():
+        for process in host.processes:
+            lines = Path(f"/proc/{process.pid}/status").read_text().splitlines()
+            status = {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+            unit = Unit(host.root, re.sub(r"@[^.]*\.", "@.", process.name))  # phizer@0.service: phizer@.service
+            assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2"), process.name
+            assert status["Seccomp_filters"] == "3", process.name  # address families, W^X memory, system calls
+            kept = {CAPABILITIES[name] for name in unit.one("CapabilityBoundingSet").split()}
+            assert int(status["CapBnd"], 16) == sum(1 << cap for cap in kept), process.name
+
+
+def test_units_exposure_within_bounds(deployment: Deployment) -> None:
+    """systemd-analyze security, offline, inside the root: the hardening of each unit as systemd rates it."""
+    host = deployment.hosts[HOSTS[0]]
+    scores = {}
+    for unit in EXPOSURE:
+        result = host.run("systemd-analyze", "security", "--offline=yes", "--no-pager", unit)
+        found = re.search(rf"Overall exposure level for {re.escape(unit)}: (\d+\.\d+)", result.stdout)
+        assert result.returncode == 0 and found, result.stdout[-2000:] + result.stderr[-2000:]
+        scores[unit] = float(found[1])
+    print(f"systemd-analyze security exposure: {scores}")
+    assert all(scores[unit] <= most for unit, most in EXPOSURE.items()), (scores, EXPOSURE)
+
+
+def test_memcached_firewall_rule_set_parses_and_lists_the_app_hosts(deployment: Deployment) -> None:
+    for name, host in deployment.hosts.items():
+        result = host.run("nft", "-c", "-f", NFT_FILE)
+        assert (result.returncode, result.stderr) == (0, ""), result.stdout
+        rules = (host.root / NFT_FILE.lstrip("/")).read_text()
+        elements = dict(re.findall(r"set (clients_v[46]) \{[^}]*elements = \{ ([^}]*) \}", rules))
+        assert sorted(elements["clients_v4"].split(", ")) == sorted(["127.0.0.1", *CLIENT_ADDRESSES.values()])
+        assert elements["clients_v6"] == "::1"
+        port = deployment.memcached[name].rsplit(":", 1)[1]
+        assert f"th dport {port} jump memcached" in rules
+
+
+# Run in a network namespace of its own (unshare -n), so the rules touch nothing else: listens on the memcached port
+# and the next one, then for each phase runs the firewall unit's command (through the harness's launcher, so under
+# the unit's own capabilities and seccomp filters) and connects to both ports from each source address.
+FIREWALL_PROBE = """
+import json, socket, subprocess, sys
+spec = json.loads(sys.argv[1])
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+listeners = [socket.create_server(("127.0.0.1", port)) for port in spec["ports"]]
+reached = {}
+for phase, command in spec["phases"]:
+    subprocess.run(command, check=True, cwd=spec["cwd"], timeout=30)
+    for source in spec["sources"]:
+        for port in spec["ports"]:
+            client = socket.socket()
+            client.settimeout(0.5)
+            client.bind((source, 0))
+            try:
+                client.connect(("127.0.0.1", port))
+                reached[f"{phase} {source}->{port}"] = True
+            except OSError:
+                reached[f"{phase} {source}->{port}"] = False
+            client.close()
+print(json.dumps(reached))
+"""
+
+
+def test_memcached_firewall_lets_in_only_the_app_hosts(deployment: Deployment) -> None:
+    """The firewall unit run for real in a throwaway network namespace: once started (and after a reload, which
+    replaces the table), the memcached port answers the app hosts' addresses and the node itself but not another
+    address, and other ports are left alone; once stopped, its table is gone."""
+    name = HOSTS[0]
+    host = deployment.hosts[name]
+    unit = Unit(host.root, "phizer-memcached-firewall.service")
+    prefix = host.launcher(unit)
+    port = int(deployment.memcached[name].rsplit(":", 1)[1])
+    stranger = "127.0.0.99"
+    spec = {
+        "cwd": str(support.REPO),
+        "ports": [port, port + 1],
+        "sources": ["127.0.0.1", *CLIENT_ADDRESSES.values(), stranger],
+        "phases": [[phase, [*prefix, *unit.commands(key)[0]]] for phase, key in PHASES],
+    }
+    argv = ["unshare", "--net", "--", sys.executable, "-c", FIREWALL_PROBE, json.dumps(spec)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = {
+        f"{phase} {source}->{p}": phase == "stop" or source != stranger or p != port
+        for phase, _ in PHASES
+        for source in spec["sources"]
+        for p in spec["ports"]
+    }
+    assert json.loads(result.stdout) == expected
+
+
+def test_memcached_nodes_restart_one_at_a_time() -> None:
+    plays = yaml.safe_load((ANSIBLE / "site.yml").read_text())
+    (memcached,) = (play for play in plays if play["hosts"] == "memcached")
+    assert memcached["serial"] == 1
 
 
 def test_deployed_pil_is_the_simd_build(deployment: Deployment) -> None:
@@ -262,3 +396,29 @@ def test_second_host_takes_the_original_from_the_shared_pool(
     assert b.headers["X-Phizer-Instance"].startswith(f"{HOSTS[1]}-")
     assert Image.open(io.BytesIO(b.content)).size == (800, round(height * 800 / width))
     assert deployment.s3.total() == s3_gets, f"host-b asked S3: {deployment.s3.gets}"
+
+
+def test_purge_on_a_deployed_host(deployment: Deployment, s3_endpoint: str, corpus: Path) -> None:
+    """`phizer purge` run on a host (its venv and code): the instance, user phizer, deletes the rendition nginx's
+    workers wrote (they run as phizer too) and the original in the pool; the next request asks S3 again."""
+    from service.cache import MemcachedOriginals, origins_namespace
+    from service.config import Limits, MemcachedOptions
+
+    _put(s3_endpoint, corpus / PHOTO, "purge/photo.jpg")
+    host, url = deployment.hosts[HOSTS[0]], deployment.urls[HOSTS[0]]
+    requests.get(url + "/small/purge/photo.jpg", timeout=60)
+    assert requests.get(url + "/small/purge/photo.jpg", timeout=60).headers["X-Cache-Status"] == "HIT"
+    pool = MemcachedOptions(servers=tuple(deployment.memcached[name] for name in HOSTS))
+    cache = MemcachedOriginals(pool, Limits(), origins_namespace([f"s3://{BUCKET}"]))
+    deadline = time.monotonic() + 10
+    while cache.digest("purge/photo.jpg") is None:  # stored in the background
+        assert time.monotonic() < deadline, "the original never reached memcached"
+        time.sleep(0.1)
+    gets = deployment.s3.gets[f"/{BUCKET}/purge/photo.jpg"]
+    cli = ["PYTHONPATH=/opt/phizer/app", "/opt/phizer/venv/bin/python", "-m", "service.cli"]
+    purged = host.run(*cli, "purge", "purge/photo.jpg", "--host", url)
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    assert purged.stdout == f"{url}: purge/photo.jpg: 1 cached renditions removed, original removed from memcached\n"
+    again = requests.get(url + "/small/purge/photo.jpg", timeout=60)
+    assert (again.status_code, again.headers["X-Cache-Status"]) == (200, "MISS")
+    assert deployment.s3.gets[f"/{BUCKET}/purge/photo.jpg"] == gets + 1

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import requests
 
+from service.procs import children_by_parent
 from tests import support
 from tests.hostile import fat_metadata_jpeg
 
@@ -18,17 +19,10 @@ MARGIN = 64 * 1024 * 1024  # allocator slack, transient buffers (kept decodes pi
 
 
 def worker_rss(master_pid: int) -> int:
-    """Resident bytes of gunicorn's worker (the master's child) from /proc."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == master_pid:
-                status = (stat.parent / "status").read_text()
-                kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
-                return int(kib) * 1024
-        except (OSError, IndexError, ValueError):
-            continue
-    raise AssertionError("no gunicorn worker found")
+    """Resident bytes of gunicorn's worker (the master's only child) from /proc."""
+    (worker,) = children_by_parent()[master_pid]
+    status = Path(f"/proc/{worker}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
 
 
 def test_fat_metadata_originals_leave_rss_within_budget(tmp_path: Path) -> None:

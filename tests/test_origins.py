@@ -1,18 +1,159 @@
-"""Origins one by one (file, HTTP, S3 against real servers) and the chain's first-hit-wins and error rules."""
+"""Origins one by one (file, HTTP, S3 against real servers) and the chain's first-hit-wins and error rules.
+
+The hostile origins (dripping, redirecting, truncating, lying about checksums) are small scripted HTTP servers on
+loopback; botocore talks to one as readily as to S3, since a GetObject answer is just headers and a body.
+"""
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
+import re
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
 import urllib.request
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
 
+from service import origins
 from service.config import ConfigError, Limits, parse_config
 from service.errors import BadGateway, GatewayTimeout, NotFound, TooLarge
 from service.origins import FileOrigin, HttpOrigin, OriginChain, OriginFailure, OriginTimeout, S3Origin, make_origin
-from tests.support import AWS_ENV, CountingProxy, moto_s3, s3_client
+from tests.support import AWS_ENV, CountingProxy, QuietServer, moto_s3, s3_client, self_signed_cert
+
+Answer = Callable[[http.server.BaseHTTPRequestHandler], None]
+PRESETS = {"s": {"width": 1}}
+
+
+class Scripted:
+    """An HTTP(S) server on ``host`` answering each GET by its path's ``Answer`` (404 if none); it counts connections
+    and records each request's path and Host header."""
+
+    def __init__(
+        self, routes: dict[str, Answer], host: str = "127.0.0.1", port: int = 0, tls: tuple[Path, Path] | None = None
+    ) -> None:
+        self.connections = 0
+        self.paths: list[str] = []
+        self.hosts: list[str | None] = []
+        scripted = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                scripted.connections += 1
+
+            def do_GET(self) -> None:
+                path = urllib.parse.urlsplit(self.path).path
+                scripted.paths.append(path)
+                scripted.hosts.append(self.headers["Host"])
+                routes.get(path, send(404, b"missing\n"))(self)
+
+        self.server = QuietServer((host, port), Handler)
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.port}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Scripted]]:
+    """Start Scripted servers for one test (same arguments); all are closed after it."""
+    started: list[Scripted] = []
+
+    def start(*args: Any, **kwargs: Any) -> Scripted:
+        started.append(Scripted(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def send(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Answer:
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return answer
+
+
+def drip(handler: http.server.BaseHTTPRequestHandler) -> None:
+    """Promise a megabyte, then send a byte every 0.2 s: each socket read is quick, the body never ends."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(1_000_000))
+    handler.end_headers()
+    for _ in range(100):  # 20 s, far beyond any deadline under test; the client hanging up ends it sooner
+        handler.wfile.write(b"x")
+        time.sleep(0.2)
+
+
+def truncated(handler: http.server.BaseHTTPRequestHandler) -> None:
+    """Promise 10 bytes, send 5, hang up."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", "10")
+    handler.end_headers()
+    handler.wfile.write(b"12345")
+    handler.close_connection = True
+
+
+def big_then_watch(closed: threading.Event, chunked: bool) -> Answer:
+    """Send 320 KiB of a bigger body (declared, or chunked without a length), then set ``closed`` once the client
+    has hung up; a client that keeps the connection open leaves it unset."""
+
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(10**7))))
+        handler.end_headers()
+        piece = b"x" * 65536
+        try:
+            for _ in range(5):  # more than one 256 KiB read
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            handler.connection.settimeout(5)
+            if handler.connection.recv(1):
+                return
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except TimeoutError:
+            return
+        closed.set()
+
+    return answer
+
+
+def origin_of(kind: str, server: Scripted, limits: Limits) -> HttpOrigin | S3Origin:
+    """The server as an HTTP origin (keys at /), or as the S3 endpoint of bucket ``bucket`` (see s3_at)."""
+    return HttpOrigin(server.url, limits, allow_private=True) if kind == "http" else S3Origin("s3://bucket", limits, 1)
+
+
+def s3_at(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point boto3's chain at a scripted server standing in for S3."""
+    for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL": url}.items():
+        monkeypatch.setenv(name, value)
 
 
 def test_file_origin_reads_and_never_escapes(tmp_path: Path) -> None:
@@ -33,7 +174,7 @@ def test_file_origin_reads_and_never_escapes(tmp_path: Path) -> None:
 def test_http_origin_statuses_and_timeouts() -> None:
     server = CountingProxy(files={"/up/new photo.jpg": b"fresh"})
     try:
-        origin = HttpOrigin(server.url + "/up", Limits(origin_read_timeout=0.5))
+        origin = HttpOrigin(server.url + "/up", Limits(origin_read_timeout=0.5), allow_private=True)
         assert origin.fetch("new photo.jpg") == b"fresh"
         assert origin.fetch("other.jpg") is None
         server.status = 500
@@ -44,8 +185,83 @@ def test_http_origin_statuses_and_timeouts() -> None:
             origin.fetch("new photo.jpg")
     finally:
         server.close()
-    with pytest.raises(OriginFailure):  # nothing listens there any more
-        HttpOrigin(server.url, Limits()).fetch("x.jpg")
+    with pytest.raises(OriginFailure) as failure:  # nothing listens there any more: a failure, not a timeout
+        HttpOrigin(server.url, Limits(), allow_private=True).fetch("x.jpg")
+    assert not isinstance(failure.value, OriginTimeout)
+
+
+def test_connections_are_kept_after_whole_bodies(
+    serve: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading as the socket delivers still ends each response cleanly: the next GET reuses the connection."""
+    server = serve({"/a.jpg": send(200, b"a" * 300_000), "/bucket/a.jpg": send(200, b"s3" * 1000)})
+    http_origin = HttpOrigin(server.url, Limits(), allow_private=True)
+    assert [http_origin.fetch("a.jpg"), http_origin.fetch("gone.jpg"), http_origin.fetch("a.jpg")] == [
+        b"a" * 300_000,
+        None,
+        b"a" * 300_000,
+    ]
+    assert server.connections == 1
+    s3_at(server.url, monkeypatch)
+    s3_origin = S3Origin("s3://bucket", Limits(), 1)
+    assert s3_origin.fetch("a.jpg") == s3_origin.fetch("a.jpg") == b"s3" * 1000
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize("kind", ["http", "s3"])
+def test_dripping_body_ends_at_the_deadline(
+    kind: str, serve: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte every 0.2 s never trips the 0.5 s read timeout; the 1 s deadline must still end the download."""
+    server = serve({"/a.jpg": drip, "/bucket/a.jpg": drip})
+    s3_at(server.url, monkeypatch)
+    origin = origin_of(kind, server, Limits(origin_total_timeout=1.0, origin_read_timeout=0.5))
+    started = time.monotonic()
+    with pytest.raises(OriginTimeout, match="not received in time"):
+        origin.fetch("a.jpg")
+    assert 1.0 <= time.monotonic() - started < 1.5
+
+
+@pytest.mark.parametrize("kind", ["http", "s3"])
+def test_truncated_body_is_a_failure(
+    kind: str, serve: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Short reads must not pass a truncated original off as a whole one (urllib3's or botocore's length check)."""
+    server = serve({"/a.jpg": truncated, "/bucket/a.jpg": truncated})
+    s3_at(server.url, monkeypatch)
+    origin = origin_of(kind, server, Limits())
+    with pytest.raises(OriginFailure):
+        origin.fetch("a.jpg")
+
+
+def test_s3_checksum_is_still_checked(serve: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads that take what the socket delivers still go through botocore's checksum check."""
+    crc = base64.b64encode(zlib.crc32(b"abc").to_bytes(4, "big")).decode()
+    server = serve(
+        {
+            "/bucket/right.jpg": send(200, b"abc", {"x-amz-checksum-crc32": crc}),
+            "/bucket/wrong.jpg": send(200, b"abd", {"x-amz-checksum-crc32": crc}),
+        }
+    )
+    s3_at(server.url, monkeypatch)
+    origin = S3Origin("s3://bucket", Limits(), 1)
+    assert origin.fetch("right.jpg") == b"abc"
+    with pytest.raises(OriginFailure, match="checksum"):
+        origin.fetch("wrong.jpg")
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared", "streamed"])
+def test_s3_body_is_closed_when_too_large(
+    chunked: bool, serve: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over the size limit, by its Content-Length or while streaming, the body's connection is closed at once (the
+    exception kept here still references the response: only an explicit close hangs up)."""
+    closed = threading.Event()
+    server = serve({"/bucket/big.jpg": big_then_watch(closed, chunked)})
+    s3_at(server.url, monkeypatch)
+    with pytest.raises(TooLarge):
+        S3Origin("s3://bucket", Limits(max_original_bytes=1000), 1).fetch("big.jpg")
+    assert closed.wait(3)
 
 
 def test_s3_origin_with_prefix(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,19 +325,152 @@ def test_s3_forbidden_can_mean_missing(logs: Path, monkeypatch: pytest.MonkeyPat
             make_origin("s3://iam-unit/originals?forbidden=missing", config).fetch("private/b.jpg")
 
 
-def test_s3_options_are_checked() -> None:
-    config = parse_config({"origins": ["s3://b"], "presets": {"s": {"width": 1}}}, {})
+def test_origin_url_options_are_checked() -> None:
+    config = parse_config({"origins": ["s3://b"], "presets": PRESETS}, {})
     assert S3Origin("s3://b/pre/fix?forbidden=missing", Limits(), 1).prefix == "pre/fix"
     assert not S3Origin("s3://b?forbidden=failure", Limits(), 1).forbidden_is_missing
-    for url in (
-        "s3://b/p?forbiden=missing",
-        "s3://b/p?forbidden=maybe",
-        "s3://b/p?forbidden",
-        "s3://b/p?forbidden=missing&forbidden=failure",
-        "s3://b/p?forbidden=missing&x=1",
+    http_origin = HttpOrigin("http://h:81/pre/fix/?redirects=same-host", Limits())
+    assert http_origin.base == "http://h:81/pre/fix" and http_origin.follow_redirects  # keys never go after the query
+    assert not HttpOrigin("https://h/p?redirects=none", Limits()).follow_redirects
+    for url, expected in (
+        ("s3://b/p?forbiden=missing", "forbidden=failure or forbidden=missing"),
+        ("s3://b/p?forbidden=maybe", "forbidden=failure or forbidden=missing"),
+        ("s3://b/p?forbidden", "forbidden=failure or forbidden=missing"),
+        ("s3://b/p?forbidden=missing&forbidden=failure", "forbidden=failure or forbidden=missing"),
+        ("s3://b/p?forbidden=missing&x=1", "forbidden=failure or forbidden=missing"),
+        ("http://h/p?redirect=none", "redirects=none or redirects=same-host"),
+        ("https://h/p?redirects=all", "redirects=none or redirects=same-host"),
+        ("http://h/p?redirects=none&redirects=same-host", "redirects=none or redirects=same-host"),
+        ("http://h/p?forbidden=missing", "redirects=none or redirects=same-host"),
+        ("file:///srv/img?redirects=none", "no options"),
     ):
-        with pytest.raises(ConfigError, match="forbidden=failure or forbidden=missing"):
+        with pytest.raises(ConfigError, match=expected):
             make_origin(url, config)
+
+
+def test_redirects_are_a_policy(serve: Callable[..., Scripted]) -> None:
+    """Not followed by default (502); with ?redirects=same-host, followed on the same scheme, host and port only,
+    and only for a few hops. Two servers on two ports are two hosts."""
+    other = serve({"/pre/b.jpg": send(200, b"elsewhere")})
+    server = serve(
+        {
+            "/pre/a.jpg": send(302, headers={"Location": "/pre/b.jpg"}),
+            "/pre/b.jpg": send(200, b"b"),
+            "/pre/away.jpg": send(301, headers={"Location": f"{other.url}/pre/b.jpg"}),
+            "/pre/loop.jpg": send(307, headers={"Location": "loop.jpg"}),
+        }
+    )
+    strict = HttpOrigin(server.url + "/pre", Limits(), allow_private=True)
+    with pytest.raises(OriginFailure, match=f"HTTP 302 redirect to {server.url}/pre/b.jpg not followed"):
+        strict.fetch("a.jpg")
+    with pytest.raises(BadGateway):
+        OriginChain([strict]).fetch("a.jpg")
+    lenient = HttpOrigin(server.url + "/pre?redirects=same-host", Limits(), allow_private=True)
+    assert lenient.fetch("a.jpg") == b"b"
+    with pytest.raises(OriginFailure, match="another host"):
+        lenient.fetch("away.jpg")
+    assert other.paths == []
+    with pytest.raises(OriginFailure, match="more than 3 redirects"):
+        lenient.fetch("loop.jpg")
+    assert server.paths.count("/pre/loop.jpg") == 4
+
+
+@pytest.mark.parametrize(
+    ("address", "refusal"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("::ffff:192.168.1.1", "private"),
+        ("fd00::1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1%eth0", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("240.0.0.1", "reserved"),
+        ("100.64.0.1", "not globally routable"),
+        ("93.184.215.14", None),
+        ("::ffff:93.184.215.14", None),
+        ("2606:4700:4700::1111", None),
+    ],
+)
+def test_address_refusal(address: str, refusal: str | None) -> None:
+    assert origins.address_refusal(address) == refusal
+
+
+def test_private_addresses_are_refused_unless_allowed(serve: Callable[..., Scripted]) -> None:
+    """Checked on the address connected to: a name (localhost) or an IPv4-mapped IPv6 address does not get round it.
+    A refusal is a failure (502) naming the address, and nothing reaches the server."""
+    server = serve({"/a.jpg": send(200, b"a")})
+    guarded = parse_config({"origins": ["s3://b"], "presets": PRESETS}, {})
+    for host, refused in (
+        ("127.0.0.1", "127.0.0.1 (loopback)"),
+        ("localhost", "127.0.0.1 (loopback)"),
+        ("[::ffff:127.0.0.1]", "::ffff:127.0.0.1 (loopback)"),
+    ):
+        with pytest.raises(OriginFailure, match=rf"refused to connect to .*{re.escape(refused)}") as failure:
+            make_origin(f"http://{host}:{server.port}", guarded).fetch("a.jpg")
+        assert not isinstance(failure.value, OriginTimeout)
+    assert server.connections == 0
+    allowed = parse_config({"origins": ["s3://b"], "presets": PRESETS, "allow_private_origins": True}, {})
+    for host in ("127.0.0.1", "localhost"):
+        assert make_origin(f"http://{host}:{server.port}", allowed).fetch("a.jpg") == b"a"
+
+
+def test_private_origins_switch_from_the_environment() -> None:
+    base = {"origins": ["http://upload:8000"], "presets": PRESETS}
+    assert not parse_config(base, {}).allow_private_origins
+    assert parse_config(base, {"PHIZER_ALLOW_PRIVATE_ORIGINS": "1"}).allow_private_origins
+    overridden = parse_config({**base, "allow_private_origins": True}, {"PHIZER_ALLOW_PRIVATE_ORIGINS": "false"})
+    assert not overridden.allow_private_origins
+    with pytest.raises(ConfigError, match="PHIZER_ALLOW_PRIVATE_ORIGINS"):
+        parse_config(base, {"PHIZER_ALLOW_PRIVATE_ORIGINS": "maybe"})
+
+
+def test_a_redirect_cannot_reach_a_private_address(
+    serve: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection is checked, a redirect's too. DNS rebinding, played on loopback: 127.0.0.2 stands in for a
+    public address (the test owns no public one) and the origin's name resolves to it first, then to 127.0.0.1
+    when the same-host redirect needs a new connection. That one is refused; the server there sees nothing."""
+    public = serve({"/a.jpg": send(302, headers={"Location": "/b.jpg", "Connection": "close"})}, host="127.0.0.2")
+    private = serve({"/b.jpg": send(200, b"internal")}, port=public.port)
+    check = origins.address_refusal
+    monkeypatch.setattr(origins, "address_refusal", lambda address: None if address == "127.0.0.2" else check(address))
+    resolve, answers = socket.getaddrinfo, iter(["127.0.0.2", "127.0.0.1"])
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda host, *args: resolve(next(answers) if host == "origin.test" else host, *args)
+    )
+    origin = HttpOrigin(f"http://origin.test:{public.port}?redirects=same-host", Limits())
+    with pytest.raises(OriginFailure, match=r"refused to connect to origin.test: 127.0.0.1 \(loopback\)"):
+        origin.fetch("a.jpg")
+    assert public.paths == ["/a.jpg"] and private.connections == 0
+
+
+def test_tls_checks_the_host_name_not_the_checked_address(
+    serve: Callable[..., Scripted], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard picks the socket's address; the URL's host name still goes out as Host (and SNI), and the
+    certificate is checked against it. Loopback stands in for a public address here. ``origin.test`` resolves to
+    127.0.0.1, an address the certificate names, and is refused all the same: the name is what is verified."""
+    cert, key = self_signed_cert(tmp_path)  # for 127.0.0.1 and localhost
+    server = serve({"/a.jpg": send(200, b"a")}, tls=(cert, key))
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.setattr(origins, "address_refusal", lambda address: None)
+    resolve = socket.getaddrinfo
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda host, *args: resolve("127.0.0.1" if host == "origin.test" else host, *args)
+    )
+    assert HttpOrigin(f"https://localhost:{server.port}", Limits()).fetch("a.jpg") == b"a"
+    assert server.hosts == [f"localhost:{server.port}"]
+    with pytest.raises(OriginFailure, match="Hostname mismatch"):
+        HttpOrigin(f"https://origin.test:{server.port}", Limits()).fetch("a.jpg")
+    assert server.hosts == [f"localhost:{server.port}"]
 
 
 class Fake:

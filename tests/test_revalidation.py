@@ -32,7 +32,7 @@ def origin(corpus: Path) -> Iterator[CountingProxy]:
 
 def write_config(path: Path, origin: CountingProxy, small_quality: int) -> None:
     presets = {**PRESETS, "small": {**PRESETS["small"], "quality": small_quality}}
-    path.write_text(yaml.safe_dump({"origins": [origin.url], "presets": presets}))
+    path.write_text(yaml.safe_dump({"origins": [origin.url], "allow_private_origins": True, "presets": presets}))
 
 
 def test_config_change_reaches_nginx_cache_and_etags(origin: CountingProxy, tmp_path: Path) -> None:

@@ -226,9 +226,23 @@ def test_origin_error_and_timeout(tmp_path: Path) -> None:
         config = {"limits": {"origin_read_timeout": 0.5}}
         with support.instance(tmp_path, [upload.url], config=config, name="errors") as (_, url):
             upload.status = 503
-            assert raw_get(url, "/small/x.jpg")[0] == 502
+            assert raw_get(url, "/small/x.jpg") == (502, "origin failed\n")  # never the origin's address
             upload.status, upload.delay = None, 2.0
-            assert raw_get(url, "/small/x.jpg")[0] == 504
+            assert raw_get(url, "/small/x.jpg") == (504, "origin timed out\n")
+    finally:
+        upload.close()
+
+
+def test_private_origin_is_refused(tmp_path: Path) -> None:
+    """With the guard on, an HTTP origin on 127.0.0.1 is never contacted: 502, and the log names the refused address
+    (under gevent, whose patched sockets and resolver the guard runs on)."""
+    upload = support.CountingProxy(files={"/x.jpg": b"never served"})
+    try:
+        env = {"PHIZER_ALLOW_PRIVATE_ORIGINS": "0"}
+        with support.instance(tmp_path, [upload.url], env=env, name="guarded") as (proc, url):
+            assert raw_get(url, "/small/x.jpg")[0] == 502
+            assert "refused to connect to 127.0.0.1: 127.0.0.1 (loopback)" in proc.log_path.read_text()
+        assert upload.total() == 0
     finally:
         upload.close()
 

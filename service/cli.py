@@ -1,0 +1,193 @@
+"""``phizer``: the one command line (installed into the venv by ``make install``; ``python -m service.cli`` too).
+
+phizer run [--port P ...]            the whole stack on this machine (what ``make run`` calls)
+phizer purge KEY... [--host URL]     forget keys' renditions (nginx, each host) and originals (memcached)
+phizer warm KEY... | --prefix P      render every preset of keys through nginx ahead of visitors
+phizer check-config FILE             validate a config; print the effective presets and limits
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import urllib3
+
+DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('PHIZER_PORT', '8080')}"  # the local stack (phizer run)
+PURGE_BATCH = 100  # keys per request (the instance accepts up to service.purge.MAX_KEYS)
+
+
+def _http(concurrency: int = 1) -> urllib3.PoolManager:
+    return urllib3.PoolManager(maxsize=concurrency, retries=False, timeout=urllib3.Timeout(connect=5, read=120))
+
+
+def _base(url: str) -> str:
+    return url.rstrip("/")
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from service.purge import PURGE_PATH
+
+    http, failed = _http(), False
+    for host in [_base(url) for url in args.host or [DEFAULT_URL]]:
+        for start in range(0, len(args.keys), PURGE_BATCH):
+            batch = args.keys[start : start + PURGE_BATCH]
+            try:
+                resp = http.request(
+                    "POST",
+                    host + PURGE_PATH,
+                    body=json.dumps({"keys": batch}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+            except urllib3.exceptions.HTTPError as exc:
+                print(f"{host}: {exc}", file=sys.stderr)
+                failed = True
+                break
+            if resp.status != 200:
+                print(f"{host}: {resp.status} {resp.data.decode(errors='replace').strip()}", file=sys.stderr)
+                failed = True
+                break
+            for key, outcome in json.loads(resp.data)["purged"].items():
+                original = "original removed from memcached" if outcome["original"] else "original not in memcached"
+                print(f"{host}: {key}: {outcome['renditions']} cached renditions removed, {original}")
+    return 1 if failed else 0
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    from service.config import ConfigError, load_config
+    from service.warm import list_keys, served_presets, summary, warm, warm_list
+
+    if bool(args.keys) == (args.prefix is not None):
+        print("phizer warm: give either keys or --prefix", file=sys.stderr)
+        return 2
+    url = _base(args.url)
+    http = _http(args.concurrency)
+    try:
+        config = load_config(args.config)
+        keys = list(args.keys or list_keys(config, args.prefix))
+        presets = served_presets(http, url)
+    except (ConfigError, ValueError, RuntimeError, urllib3.exceptions.HTTPError) as exc:
+        print(f"phizer warm: {exc}", file=sys.stderr)
+        return 1
+    todo, skipped = warm_list(presets, keys, config.limits.max_key_bytes)
+    if skipped:
+        print(f"skipped {skipped} invalid keys", file=sys.stderr)
+    result = warm(http, url, todo, args.concurrency, args.retries, progress=not args.no_progress)
+    print(summary(result, len(keys) - skipped, len(todo), url))
+    return 1 if result.errors else 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from service.config import ConfigError, load_config
+    from service.identity import preset_fingerprints
+
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(f"phizer: invalid config: {exc}", file=sys.stderr)
+        return 1
+    overridable = ("PHIZER_ORIGINS", "PHIZER_MEMCACHED", "PHIZER_ALLOW_PRIVATE_ORIGINS")
+    overrides = [name for name in overridable if os.environ.get(name)]
+    print(f"{args.file}: valid" + (f" (with {', '.join(overrides)} from the environment)" if overrides else ""))
+    fingerprints = preset_fingerprints(config)
+    print("presets:")
+    for name, preset in config.presets.items():
+        size = f"{preset.width or '-'}x{preset.height or '-'}"
+        extra = f" quality_by_format={dict(preset.quality_by_format)}" if preset.quality_by_format else ""
+        print(
+            f"  {name:<12} {size:<11} fit={preset.fit:<7} upscale={str(preset.upscale).lower():<5} "
+            f"quality={preset.quality:<3} format={preset.format:<6} fingerprint={fingerprints[name]}{extra}"
+        )
+    print("origins:", ", ".join(config.origins))
+    memcached = dataclasses.asdict(config.memcached)
+    memcached["servers"] = ", ".join(config.memcached.servers) or "(none: no originals cache)"
+    for section, values in (
+        ("limits", dataclasses.asdict(config.limits)),
+        ("encoding", dataclasses.asdict(config.encoding)),
+        ("memcached", memcached),
+    ):
+        print(f"{section}:")
+        for name, value in values.items():
+            print(f"  {name} = {value}")
+    others = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in ("presets", "origins", "memcached", "limits", "encoding")
+    }
+    print("other:")
+    for name, value in others.items():
+        print(f"  {name} = {value}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="phizer", description="phizer, an on-the-fly image resizer: operations.")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser(
+        "run",
+        help="start nginx, memcached and the instances on this machine (`phizer run --help`)",
+        add_help=False,
+    )
+
+    purge = sub.add_parser(
+        "purge",
+        help="remove keys' cached renditions (nginx, on each host) and originals (memcached)",
+        description="Remove every cached rendition of each KEY from nginx's cache on each host (every preset, "
+        "format token and format suffix), and the original from the shared memcached pool: the next request "
+        "re-fetches it from the origin. Each host's admin API answers loopback only (and nginx's admin_allow): "
+        "run this on each host, or allow the address it runs from.",
+    )
+    purge.add_argument("keys", nargs="+", metavar="KEY", help="an original's key, as in /<preset>/<key>")
+    purge.add_argument(
+        "--host",
+        action="append",
+        metavar="URL",
+        help=f"a host's nginx (repeat for each host; default {DEFAULT_URL})",
+    )
+    purge.set_defaults(func=cmd_purge)
+
+    warm = sub.add_parser(
+        "warm",
+        help="render every preset of keys through nginx, so first visitors get cache hits",
+        description="Request every preset (and each format token: WebP and not, for 'auto' presets) of the "
+        "given keys, or of every key under --prefix in the config's first origin (s3:// or file://), through "
+        "nginx, so each rendition is in its cache. A 503 is retried after its Retry-After.",
+    )
+    warm.add_argument("keys", nargs="*", metavar="KEY", help="an original's key")
+    warm.add_argument("--prefix", help="warm every key under this prefix of the first origin ('' for all)")
+    warm.add_argument("--url", default=DEFAULT_URL, help=f"nginx to warm through (default {DEFAULT_URL})")
+    warm.add_argument("--config", help="config whose first origin --prefix lists (default $PHIZER_CONFIG or bundled)")
+    warm.add_argument("--concurrency", type=int, default=8, help="requests at once (default 8)")
+    warm.add_argument("--retries", type=int, default=3, help="retries of a 503, after its Retry-After (default 3)")
+    warm.add_argument("--no-progress", action="store_true", help="no progress bar")
+    warm.set_defaults(func=cmd_warm)
+
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file; print the effective presets and limits",
+        description="Validate FILE as phizer does at start-up (with the PHIZER_* environment overrides) and "
+        "print the effective presets, origins and limits; exit 1 with the bad key named on error.",
+    )
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=cmd_check_config)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # the launcher parses its own options (and --help)
+        from service.launcher import main as run
+
+        return run(argv[1:], prog="phizer run")
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="phizer: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Purging a key: every cached rendition of it from this host's nginx cache, and its original from memcached.
+
+An original replaced under the same key is otherwise served from caches for up to ``cache_valid`` (nginx) and
+``memcached.expire``. ``phizer purge KEY`` asks each host's nginx for ``POST /_phizer/purge`` (loopback only:
+nginx/nginx.conf.j2), which an instance answers here: it deletes the original from the shared memcached pool,
+then the cache files of every rendition nginx may hold for the key, so the next request is a MISS that fetches
+the original from the origin again.
+
+nginx-light has no purge module, so the files are found the way nginx names them: the md5 of the cache key
+(``proxy_cache_key "$uri|$phizer_format|$phizer_fingerprint"``) in the folders given by ``levels=1:2``. The
+renditions a key can have (each preset, plain and with each format suffix, each with every format token it
+can get) are not listed here but found by running service/presets.py's own rules over the candidate URLs, so
+they cannot drift from what nginx and the app do.
+
+nginx keeps open descriptors of cache files (``open_file_cache``) and trusts them while the inode it recorded
+is unchanged, so an unlinked file would still be served for up to ``open_file_cache_valid``. The header's first
+field is nginx's cache file format version: it is zeroed before the unlink, so a worker still holding the file
+reads it as an old-format entry (a MISS), and the new file it writes gets a new inode that the others notice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import falcon
+
+from service.cache import OriginalStore
+from service.config import Config
+from service.errors import BadRequest, PhizerError
+from service.identity import preset_fingerprints
+from service.presets import NEGOTIATED, SUFFIX_FORMATS, Preset, check_key, format_token, parse_path
+
+log = logging.getLogger(__name__)
+
+PURGE_PATH = "/_phizer/purge"  # nginx/nginx.conf.j2 lets only loopback (and admin_allow) reach it
+CACHE_DIR_ENV = "PHIZER_NGINX_CACHE_DIR"  # nginx's proxy_cache_path on this host (launcher, Ansible)
+CACHE_LEVELS = (1, 2)  # proxy_cache_path ... levels=1:2 in nginx/nginx.conf.j2
+HEADER_VERSION_BYTES = 8  # ngx_http_file_cache_header_t starts with its version (an ngx_uint_t)
+MAX_KEYS = 1000  # per request; `phizer purge` sends batches
+MAX_BODY_BYTES = 1024 * 1024  # nginx's client_max_body_size for the admin location
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendition:
+    """One response nginx may cache for a key: the request path ($uri), its format token, and an Accept
+    header that earns that token."""
+
+    path: str
+    token: str
+    accept: str
+
+
+def renditions(presets: Mapping[str, Preset], key: str, max_key_bytes: int, format_suffix: bool) -> list[Rendition]:
+    """Every rendition of ``key``: each preset, plain and (``format_suffix``) with each format suffix that
+    service/presets.py reads back as this key, each with every format token its request can get."""
+    check_key(key, max_key_bytes)
+    accepts = ["", *(media_type for _, media_type in NEGOTIATED)]
+    found: list[Rendition] = []
+    for name in presets:
+        paths = [f"/{name}/{key}"]
+        if format_suffix:  # lower and upper case; parse_path says which of them are suffix forms of this key
+            extensions = dict.fromkeys(ext for lower in SUFFIX_FORMATS for ext in (lower, lower.upper()))
+            paths += [f"/{name}/{key}.{ext}" for ext in extensions]
+        for path in paths:
+            try:
+                request = parse_path(path, presets, max_key_bytes, format_suffix)
+            except PhizerError:
+                continue
+            if request.key != key:  # e.g. /small/a.jpg.webp is a.jpg as WebP, not the key "a.jpg.webp"
+                continue
+            tokens: dict[str, str] = {}
+            for accept in accepts:
+                tokens.setdefault(format_token(request, accept), accept)
+            found += [Rendition(path, token, accept) for token, accept in tokens.items()]
+    return found
+
+
+def cache_key(rendition: Rendition, fingerprint: str) -> str:
+    """nginx's ``proxy_cache_key "$uri|$phizer_format|$phizer_fingerprint"`` for a rendition."""
+    return f"{rendition.path}|{rendition.token}|{fingerprint}"
+
+
+def cache_file(cache_dir: str | os.PathLike[str], key: str) -> Path:
+    """Where nginx keeps the entry of cache key ``key``: md5 hex, folders from its end (``levels=1:2``)."""
+    digest = hashlib.md5(key.encode("utf-8", "surrogatepass")).hexdigest()
+    folders, end = [], len(digest)
+    for width in CACHE_LEVELS:
+        folders.append(digest[end - width : end])
+        end -= width
+    return Path(cache_dir, *folders, digest)
+
+
+def remove_cache_file(path: Path) -> bool:
+    """Make nginx's entry at ``path`` a miss and delete it; False when there was none."""
+    try:
+        with open(path, "r+b") as entry:  # a worker that still has it open must not serve it: see the docstring
+            entry.write(b"\0" * HEADER_VERSION_BYTES)
+    except FileNotFoundError:
+        return False
+    path.unlink(missing_ok=True)
+    return True
+
+
+class PurgeNotConfigured(PhizerError):
+    status = 501
+
+
+class PurgeFailed(PhizerError):
+    status = 500
+
+
+class PurgeResource:
+    """``POST /_phizer/purge`` with ``{"keys": [...]}``: purge each key on this host (and from the shared
+    memcached pool); answers ``{"purged": {key: {"renditions": files removed, "original": was cached}}}``."""
+
+    def __init__(self, config: Config, store: OriginalStore, cache_dir: str | None) -> None:
+        self.config = config
+        self.store = store
+        self.cache_dir = cache_dir
+        self.fingerprints = preset_fingerprints(config)
+
+    def purge(self, key: str) -> dict[str, Any]:
+        if not self.cache_dir:
+            raise PurgeNotConfigured(f"purge is not configured on this instance ({CACHE_DIR_ENV} is not set)")
+        if not os.path.isdir(self.cache_dir):  # else every file would be "not found" and the purge a silent no-op
+            raise PurgeFailed("nginx's cache folder is missing", f"{CACHE_DIR_ENV}={self.cache_dir}")
+        limits, encoding = self.config.limits, self.config.encoding
+        found = renditions(self.config.presets, key, limits.max_key_bytes, encoding.url_format_suffix)
+        # The original first: a request arriving from now on fetches it from the origin, whatever it finds below.
+        original = self.store.delete(key)
+        removed = 0
+        for rendition in found:
+            fingerprint = self.fingerprints[rendition.path.split("/", 2)[1]]
+            path = cache_file(self.cache_dir, cache_key(rendition, fingerprint))
+            try:
+                removed += remove_cache_file(path)
+            except OSError as exc:
+                raise PurgeFailed("cannot remove cached renditions", f"{path}: {exc}") from exc
+        log.info("purged %r: %d cached renditions, original %s", key, removed, "removed" if original else "not cached")
+        return {"renditions": removed, "original": original}
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            body = json.loads(req.bounded_stream.read(MAX_BODY_BYTES))
+        except ValueError:
+            body = None
+        keys = body.get("keys") if isinstance(body, dict) else None
+        if not isinstance(keys, list) or not keys or not all(isinstance(key, str) for key in keys):
+            raise BadRequest('expected a JSON body {"keys": ["key", ...]}')
+        if len(keys) > MAX_KEYS:
+            raise BadRequest(f"at most {MAX_KEYS} keys per request")
+        for key in keys:  # every key is checked before anything is purged
+            try:
+                check_key(key, self.config.limits.max_key_bytes)
+            except BadRequest as exc:
+                raise BadRequest(f"{key!r}: {exc.reason}") from exc
+        resp.data = json.dumps({"purged": {key: self.purge(key) for key in keys}}).encode()
+        resp.content_type = falcon.MEDIA_JSON
+        resp.set_header("Cache-Control", "no-store")

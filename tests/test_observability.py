@@ -1,0 +1,156 @@
+"""What operators see, through the real stack: metrics (one scrape for every instance), request ids, Server-Timing,
+JSON log lines, and /metrics and nginx's counters reachable from loopback only."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from service.launcher import Stack
+from service.procs import free_port
+from tests import support
+
+SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
+TIMING = re.compile(r"^(?P<name>[a-z]+);dur=(?P<ms>\d+(?:\.\d+)?)$")
+
+
+@pytest.fixture(scope="module")
+def stack(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    state = tmp_path_factory.mktemp("observe")
+    folder = state / "originals"
+    folder.mkdir()
+    for i in range(7):  # photo-6 is kept for the Server-Timing test: its first request decodes
+        (folder / f"photo-{i}.jpg").write_bytes((corpus / "16_storm_720_30k.jpg").read_bytes() + bytes([i]))
+    with Stack(state, port=free_port(), instances=2, env={"PHIZER_ORIGINS": f"file://{folder}"}) as started:
+        yield started
+
+
+def metrics(stack: Stack) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The exposition through nginx, parsed: (name, labels) -> value."""
+    response = requests.get(stack.url + "/metrics", timeout=10)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for line in response.text.splitlines():
+        match = SAMPLE.match(line)
+        if match:
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
+            samples[(match["name"], labels)] = float(match["value"])
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_counters_and_histograms_move_across_every_instance(stack: Stack) -> None:
+    before = metrics(stack)
+    instances = set()
+    for i in range(6):
+        response = requests.get(f"{stack.url}/small/photo-{i}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
+        assert response.status_code == 200
+        instances.add(response.headers["X-Phizer-Instance"])
+    assert requests.get(f"{stack.url}/small/missing.jpg", timeout=30).status_code == 404
+    after = metrics(stack)
+    assert len(instances) == 2  # the scrape below covers both
+    requests_200 = ("phizer_requests_total", {"preset": "small", "format": "jpeg", "status": "200"})
+    assert value(after, requests_200[0], **requests_200[1]) - value(before, requests_200[0], **requests_200[1]) == 6
+    assert value(after, "phizer_requests_total", preset="small", format="", status="404") >= 1
+    assert value(after, "phizer_originals_total", outcome="origin") - value(before, "phizer_originals_total",
+                                                                           outcome="origin") >= 6  # fmt: skip
+    for stage in ("original", "decode", "resize", "encode", "wait"):
+        assert value(after, "phizer_stage_seconds_count", stage=stage) >= 6, stage
+    assert ("phizer_renders_in_flight", frozenset()) in after
+
+
+def test_request_id_and_server_timing(stack: Stack) -> None:
+    mine = requests.get(f"{stack.url}/small/photo-0.jpg", headers={"X-Request-ID": "trace-42"}, timeout=30)
+    assert mine.headers["X-Request-ID"] == "trace-42"
+    fresh = requests.get(f"{stack.url}/medium/photo-6.jpg", headers={"X-Request-ID": "bad id\\x"}, timeout=30)
+    rid = fresh.headers["X-Request-ID"]
+    assert rid != "bad id\\x" and re.fullmatch(r"[0-9a-f]{32}", rid)  # nginx's own $request_id
+    timings = {}
+    for part in fresh.headers["Server-Timing"].split(", "):
+        match = TIMING.match(part)
+        assert match, part
+        timings[match["name"]] = float(match["ms"])
+    assert {"original", "decode", "resize", "encode", "total"} <= set(timings)
+    assert timings["total"] >= timings["decode"]
+    time.sleep(0.3)
+    lines = [json.loads(line) for log in stack.logs.glob("app-*.log") for line in log.read_text().splitlines()
+             if line.startswith("{")]  # fmt: skip
+    logged = next(line for line in lines if line.get("request_id") == rid)
+    assert (logged["preset"], logged["key"], logged["status"], logged["format"]) == (
+        "medium",
+        "photo-6.jpg",
+        200,
+        "jpeg",
+    )
+    assert logged["bytes"] == len(fresh.content) and logged["original"] in ("origin", "memcached")
+    assert set(logged["stages_ms"]) >= {"decode", "encode"}
+    assert rid in stack.access_log.read_text()
+
+
+def get_from(stack: Stack, source: str, path: str) -> int:
+    """GET through nginx from the local address ``source`` (another loopback address is not 127.0.0.1)."""
+    sock = socket.create_connection(("127.0.0.1", stack.port), timeout=10, source_address=(source, 0))
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+    conn.sock = sock
+    conn.request("GET", path)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_metrics_and_nginx_status_are_for_loopback_only(stack: Stack) -> None:
+    assert get_from(stack, "127.0.0.1", "/metrics") == 200
+    assert get_from(stack, "127.0.0.1", "/nginx_status") == 200
+    assert "Active connections" in requests.get(stack.url + "/nginx_status", timeout=10).text
+    assert get_from(stack, "127.0.0.2", "/metrics") == 403  # any other address: denied
+    assert get_from(stack, "127.0.0.2", "/nginx_status") == 403
+    assert get_from(stack, "127.0.0.2", "/small/photo-0.jpg") == 200  # images are for everyone
+
+
+def pid_of(words: list[str]) -> int:
+    """The pid of the process whose command line holds all of ``words`` (one this test started)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if all(any(word in arg for arg in argv) for word in words):
+            return int(cmdline.parent.name)
+    raise AssertionError(f"no process with {words}")
+
+
+def test_readyz_follows_memcached_and_the_origins(tmp_path: Path) -> None:
+    """Ready with memcached and S3 answering; unready (503, one line naming what) with both frozen; ready again
+    after, with nothing restarted by hand. /healthz (liveness, no I/O) stays 200 throughout."""
+    with support.moto_s3(tmp_path) as endpoint:
+        support.s3_client(endpoint).create_bucket(Bucket="ready")
+        moto = pid_of(["moto_server", endpoint.rsplit(":", 1)[1]])
+        env = {**support.AWS_ENV, "AWS_ENDPOINT_URL": endpoint, "PHIZER_ORIGINS": "s3://ready"}
+        with Stack(tmp_path / "state", port=free_port(), instances=1, env=env) as stack:
+            assert stack.memcached is not None
+            ready = requests.get(stack.url + "/readyz", timeout=10)
+            assert (ready.status_code, ready.text, ready.headers["X-Cache-Status"]) == (200, "ready\n", "BYPASS")
+            for pid in (stack.memcached.pid, moto):
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                down = requests.get(stack.url + "/readyz", timeout=10)
+                assert down.status_code == 503
+                assert down.text == "not ready: unreachable 1 of 1 memcached servers, origin 1 (s3)\n"
+                assert requests.get(stack.url + "/healthz", timeout=10).status_code == 200
+            finally:
+                for pid in (stack.memcached.pid, moto):
+                    os.kill(pid, signal.SIGCONT)
+            assert requests.get(stack.url + "/readyz", timeout=10).status_code == 200
