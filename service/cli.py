@@ -4,6 +4,7 @@ phizer run [--port P ...]            the whole stack on this machine (what ``mak
 phizer purge KEY... [--host URL]     forget keys' renditions (nginx, each host) and originals (memcached)
 phizer warm KEY... | --prefix P      render every preset of keys through nginx ahead of visitors
 phizer check-config FILE             validate a config; print the effective presets and limits
+phizer bench | soak [ARGS]           ``make bench`` / ``make soak`` (their peers and venvs come with them)
 """
 
 from __future__ import annotations
@@ -175,7 +176,22 @@ def parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
+
+    for target, what in (("bench", "phizer against thumbor and nginx on this machine"), ("soak", "ten minutes of "
+                         "mixed traffic through the real stack; ARGS e.g. --minutes 1")):  # fmt: skip
+        shortcut = sub.add_parser(target, help=f"`make {target}`: {what}")
+        shortcut.add_argument("args", nargs=argparse.REMAINDER, help="passed on (SOAK_ARGS for soak)")
+        shortcut.set_defaults(func=cmd_make)
     return top
+
+
+def cmd_make(args: argparse.Namespace) -> int:
+    """Run the Makefile's target: it installs what the bench needs (thumbor's venv) before running it."""
+    from service.config import REPO_ROOT
+
+    extra = [f"SOAK_ARGS={' '.join(args.args)}"] if args.command == "soak" and args.args else []
+    os.execvp("make", ["make", "-C", str(REPO_ROOT), args.command, *extra])
+    return 1  # not reached: execvp replaces this process
 
 
 def main(argv: Sequence[str] | None = None) -> int:

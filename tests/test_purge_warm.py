@@ -324,7 +324,7 @@ def test_check_config_names_the_bad_key_or_prints_the_presets(tmp_path: Path) ->
 def test_help_of_every_command() -> None:
     top = phizer("--help")
     assert top.returncode == 0
-    for command in ("run", "purge", "warm", "check-config"):
+    for command in ("run", "purge", "warm", "check-config", "bench", "soak"):
         assert command in top.stdout
         sub = phizer(command, "--help")
         assert sub.returncode == 0 and sub.stdout.startswith(f"usage: phizer {command}"), sub.stdout + sub.stderr
