@@ -251,7 +251,7 @@ class _Observe:
         resp.set_header("Server-Timing", timings.server_timing())
         if req.path in QUIET_PATHS:
             return
-        status = int(str(resp.status).split()[0])
+        status = resp.status_code
         fields = req.context.fields
         if "preset" in fields:
             REQUESTS.labels(fields["preset"], fields.get("format", ""), str(status)).inc()

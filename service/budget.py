@@ -74,7 +74,12 @@ class RenderBudget:
     """``slots`` lock files in ``folder``, shared by every process that opens the same folder."""
 
     def __init__(self, slots: int, folder: str | os.PathLike[str] | None = None) -> None:
-        path = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="phizer-slots-"))
+        # Without a shared folder the slots are this process's own, in a folder removed with the budget.
+        self._private: tempfile.TemporaryDirectory[str] | None = None
+        if not folder:
+            self._private = tempfile.TemporaryDirectory(prefix="phizer-slots-")
+            folder = self._private.name
+        path = Path(folder)
         path.mkdir(parents=True, exist_ok=True)
         self.slots = slots
         self._fds = [os.open(path / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o660) for i in range(slots)]

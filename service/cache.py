@@ -86,14 +86,18 @@ class MemcachedOriginals:
         self.namespace = namespace
 
     @functools.cached_property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The servers as (host, port)."""
+        return [(host, int(port)) for host, _, port in (s.rpartition(":") for s in self.options.servers)]
+
+    @functools.cached_property
     def client(self) -> Any:
         """A pooled HashClient (one socket per greenlet, never shared), made on first use: in the worker,
         after gevent has patched sockets. A rare double creation on a first-use race would be harmless."""
         from pymemcache.client.hash import HashClient
 
-        servers = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in self.options.servers)]
         return HashClient(
-            servers,
+            self.addresses,
             use_pooling=True,
             max_pool_size=self.options.pool_size,
             connect_timeout=self.timeout,
@@ -111,9 +115,8 @@ class MemcachedOriginals:
         from pymemcache.client.base import Client
 
         down = []
-        for server in self.options.servers:
-            host, _, port = server.rpartition(":")
-            client = Client((host, int(port)), connect_timeout=self.timeout, timeout=self.timeout)
+        for server, address in zip(self.options.servers, self.addresses, strict=True):
+            client = Client(address, connect_timeout=self.timeout, timeout=self.timeout)
             try:
                 client.version()
             except Exception:

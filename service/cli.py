@@ -61,7 +61,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_warm(args: argparse.Namespace) -> int:
     from service.config import ConfigError, load_config
-    from service.warm import list_keys, served_presets, summary, warm, warm_list
+    from service.origins import list_keys
+    from service.warm import served_presets, summary, warm, warm_list
 
     if bool(args.keys) == (args.prefix is not None):
         print("phizer warm: give either keys or --prefix", file=sys.stderr)

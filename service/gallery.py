@@ -15,8 +15,8 @@ import urllib.parse
 import falcon
 
 from service.config import Config
+from service.origins import list_keys
 from service.presets import SUFFIX_FORMATS
-from service.warm import list_keys
 
 PAGE_SIZE = 12
 

@@ -28,6 +28,10 @@ from service.config import Config
 
 # Bump when the pipeline's output for the same inputs changes.
 PIPELINE_VERSION = "2"
+# nginx's cache key and cache folder levels, rendered into nginx/nginx.conf.j2 (service/nginx_conf.py) and used by
+# service/purge.py to find the files nginx wrote: the request path, the format token, the preset's fingerprint.
+CACHE_KEY = "{uri}|{token}|{fingerprint}"
+CACHE_LEVELS = (1, 2)
 
 
 def library_versions() -> dict[str, str | None]:

@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 
 from service.config import REPO_ROOT, Config, load_config
-from service.identity import preset_fingerprints
+from service.identity import CACHE_KEY, CACHE_LEVELS, preset_fingerprints
 from service.presets import NEGOTIATED, SUFFIX_PATTERN
 
 TEMPLATE = REPO_ROOT / "nginx" / "nginx.conf.j2"
@@ -31,6 +31,8 @@ def config_vars(config: Config) -> dict[str, Any]:
     return {
         "presets": list(config.presets),
         "fingerprints": preset_fingerprints(config),
+        "cache_key": CACHE_KEY.format(uri="$uri", token="$phizer_format", fingerprint="$phizer_fingerprint"),
+        "cache_levels": ":".join(str(width) for width in CACHE_LEVELS),
         "negotiating": [name for name, preset in config.presets.items() if preset.format == "auto"],
         "suffix_pattern": SUFFIX_PATTERN if config.encoding.url_format_suffix else "",
         "negotiated": [[token, media_type, re.escape(media_type)] for token, media_type in NEGOTIATED],

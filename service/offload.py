@@ -18,7 +18,6 @@ from typing import Any, Generic, TypeVar
 from gevent import monkey
 
 T = TypeVar("T")
-Offload = Callable[[Callable[[], T]], T]
 
 
 class Pending(Generic[T]):
@@ -74,12 +73,6 @@ def _outcome(fn: Callable[[], T]) -> tuple[bool, Any]:
         return False, fn()
     except Exception as exc:
         return True, exc
-
-
-def make_offload(threads: int) -> Offload[Any]:
-    """Run ``fn()`` on a native thread and wait for its result (no deadline)."""
-    spawn = make_spawn(threads)
-    return lambda fn: spawn(fn).get()
 
 
 def native_lock() -> Any:

@@ -18,10 +18,8 @@ import contextlib
 import errno
 import functools
 import hashlib
-import ipaddress
 import logging
 import os
-import socket
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,11 +28,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import urllib3
-from urllib3.util.connection import allowed_gai_family, create_connection
 
 from service.config import Config, ConfigError, Limits
 from service.errors import BadGateway, GatewayTimeout, NotFound, TooLarge
 from service.metrics import ORIGIN_ERRORS
+from service.public_net import AddressRefused, PublicHTTPPool, PublicHTTPSPool
 
 log = logging.getLogger(__name__)
 
@@ -162,77 +160,6 @@ class FileOrigin:
             raise OriginFailure(f"{self.url}: {exc.strerror}") from exc
 
 
-def address_refusal(address: str) -> str | None:
-    """Why an HTTP origin may not connect to ``address`` (None: it may): anything not globally routable.
-
-    An IPv4-mapped IPv6 address (``::ffff:127.0.0.1``) reaches, and is judged as, its IPv4 address.
-    """
-    ip = ipaddress.ip_address(address.partition("%")[0])  # an IPv6 zone (fe80::1%eth0) is not part of the address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    kinds = (
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("multicast", ip.is_multicast),
-        ("unspecified", ip.is_unspecified),
-        ("reserved", ip.is_reserved),
-        ("private", ip.is_private),
-        ("not globally routable", not ip.is_global),  # e.g. 100.64.0.0/10, carrier-grade NAT
-    )
-    return next((kind for kind, applies in kinds if applies), None)
-
-
-class _AddressRefused(Exception):
-    """A host resolved only to addresses an HTTP origin may not connect to; raised through urllib3 untouched."""
-
-
-class _PublicHTTPConnection(urllib3.connection.HTTPConnection):
-    """A connection that goes only to public addresses, and to exactly the address it checked.
-
-    The host name is resolved once, here; each address is checked and a permitted one is connected to by number,
-    so a second DNS answer (rebinding) cannot slip in between the check and the connection. The Host header, TLS
-    SNI and the certificate check still use the host name: only the socket's destination is chosen here.
-    """
-
-    def _new_conn(self) -> socket.socket:
-        try:
-            resolved = socket.getaddrinfo(self.host.strip("[]"), self.port, allowed_gai_family(), socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise urllib3.exceptions.NameResolutionError(self.host, self, exc) from exc
-        refused: list[str] = []
-        error: OSError | None = None
-        for *_, sockaddr in resolved:
-            address = str(sockaddr[0])
-            reason = address_refusal(address)
-            if reason:
-                refused.append(f"{address} ({reason})")
-                continue
-            try:
-                return create_connection((address, self.port), self.timeout, self.source_address, self.socket_options)
-            except OSError as exc:
-                error = exc
-        if error is None:
-            addresses = ", ".join(refused)
-            raise _AddressRefused(f"refused to connect to {self.host}: {addresses}; allow_private_origins is off")
-        if isinstance(error, TimeoutError):
-            raise urllib3.exceptions.ConnectTimeoutError(
-                self, f"Connection to {self.host} timed out. (connect timeout={self.timeout})"
-            ) from error
-        raise urllib3.exceptions.NewConnectionError(self, f"Failed to establish a new connection: {error}") from error
-
-
-class _PublicHTTPSConnection(_PublicHTTPConnection, urllib3.connection.HTTPSConnection):
-    """HTTPS to public addresses only: the checked socket, then urllib3's TLS on the host name."""
-
-
-class _PublicHTTPPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _PublicHTTPConnection
-
-
-class _PublicHTTPSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _PublicHTTPSConnection
-
-
 def _site(url: str) -> tuple[str, str | None, int | None] | None:
     """Scheme, host and port: what a same-host redirect keeps (None for a port that is not a number)."""
     parts = urllib.parse.urlsplit(url)
@@ -248,7 +175,7 @@ class HttpOrigin:
     Redirects are a policy: with ``?redirects=none`` (the default) any redirect is a failure (502), since an image
     server that redirects usually means a wrong prefix or a login page; ``?redirects=same-host`` follows up to
     MAX_REDIRECTS hops that keep the scheme, host and port. Unless ``allow_private`` is set, connections go to
-    public addresses only (see _PublicHTTPConnection), redirected ones included.
+    public addresses only (see service/public_net.py), redirected ones included.
     """
 
     def __init__(self, url: str, limits: Limits, *, allow_private: bool = False) -> None:
@@ -270,7 +197,7 @@ class HttpOrigin:
             cert_reqs="CERT_REQUIRED",
         )
         if not self.allow_private:
-            pool.pool_classes_by_scheme = {"http": _PublicHTTPPool, "https": _PublicHTTPSPool}
+            pool.pool_classes_by_scheme = {"http": PublicHTTPPool, "https": PublicHTTPSPool}
         return pool
 
     def probe(self) -> None:
@@ -315,7 +242,7 @@ class HttpOrigin:
         """Send the GET and read the response's head; the body is left to the caller."""
         try:
             return self.pool.request("GET", url, preload_content=False, redirect=False)
-        except _AddressRefused as exc:
+        except AddressRefused as exc:
             raise OriginFailure(f"{self.url}: {exc}") from exc
         except urllib3.exceptions.NewConnectionError as exc:  # refused, unresolvable: a failure, not a timeout
             raise OriginFailure(f"{self.url}: {exc}") from exc  # (urllib3 derives it from ConnectTimeoutError)
@@ -452,6 +379,28 @@ def make_origin(url: str, config: Config) -> Origin:
     if scheme == "file":
         return FileOrigin(url, config.limits)
     return HttpOrigin(url, config.limits, allow_private=config.allow_private_origins)
+
+
+def list_keys(config: Config, prefix: str) -> Iterator[str]:
+    """The keys under ``prefix`` in the first origin (s3:// or file://; an HTTP server cannot be listed)."""
+    origin = make_origin(config.origins[0], config)
+    if isinstance(origin, S3Origin):
+        base = f"{origin.prefix}/" if origin.prefix else ""
+        pages = origin.client.get_paginator("list_objects_v2").paginate(Bucket=origin.bucket, Prefix=base + prefix)
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield item["Key"][len(base) :]
+    elif isinstance(origin, FileOrigin):
+        start = origin.root / prefix.rpartition("/")[0]  # the deepest folder the prefix names in full
+        found = []
+        for folder, _, files in os.walk(start):
+            for name in files:
+                key = Path(folder, name).relative_to(origin.root).as_posix()
+                if key.startswith(prefix):
+                    found.append(key)
+        yield from sorted(found)
+    else:
+        raise ValueError(f"cannot list the keys of {config.origins[0]} (only s3:// and file:// origins): give keys")
 
 
 class OriginChain:

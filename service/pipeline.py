@@ -103,6 +103,7 @@ class RenderContext:
     """One render, from the opened original to the encoded bytes. Owned by one render thread."""
 
     preset: Preset
+    data: bytes  # the original's bytes (read again only by the decode-cost checks)
     forced_format: str | None  # from a URL suffix
     negotiated: str  # the request's format token ("webp" or ""), see service/presets.py
     source: Image.Image  # opened, header read, not yet decoded: this render's own file object
@@ -368,17 +369,15 @@ class Pipeline:
     ) -> RenderContext:
         """Open the original (header only, limits checked) and work out the geometry for ``preset``."""
         im = open_image(data, self.limits)
-        source_format = SOURCE_FORMATS[im.format or ""]
-        if source_format == "jpeg":
-            check_jpeg_scans(data, self.limits)
         exif = header_exif(im)
         orientation = exif_orientation(exif)
         return RenderContext(
             preset=preset,
+            data=data,
             forced_format=forced_format,
             negotiated=negotiated,
             source=im,
-            source_format=source_format,
+            source_format=SOURCE_FORMATS[im.format or ""],
             orientation=orientation,
             layout=layout(im.size, orientation, preset),
             icc=im.info.get("icc_profile"),
@@ -397,19 +396,24 @@ class Pipeline:
     def intermediate(self, ctx: RenderContext, digest: str | None) -> Intermediate:
         """The decoded original at the size this preset needs (or a kept, bigger one).
 
-        With a ``digest`` and a non-zero cache size, the result is kept for the original's next presets.
+        With a ``digest`` and a non-zero cache size, the result is kept for the original's next presets. The
+        decode-cost check (JPEG scans) runs only when decoding: a kept intermediate was checked when it was made.
         """
-        if digest is None or self.intermediates.max_bytes <= 0:
-            with ctx.timings.stage("decode"):
-                return load(ctx)
-        kept = self.intermediates.get(digest, ctx.layout.decode_size)
-        ctx.timings.intermediate = "miss" if kept is None else "hit"
-        if kept is not None:
-            return kept
+        keep = digest is not None and self.intermediates.max_bytes > 0
+        if keep:
+            kept = self.intermediates.get(digest, ctx.layout.decode_size)
+            ctx.timings.intermediate = "miss" if kept is None else "hit"
+            if kept is not None:
+                return kept
         with ctx.timings.stage("decode"):
-            intermediate = reduced(load(ctx), ctx.layout.decode_size)
-        self.intermediates.put(digest, intermediate)
-        return intermediate
+            if ctx.source_format == "jpeg":
+                check_jpeg_scans(ctx.data, self.limits)
+            decoded = load(ctx)
+            if keep:
+                decoded = reduced(decoded, ctx.layout.decode_size)
+        if keep:
+            self.intermediates.put(digest, decoded)
+        return decoded
 
     def animation(self, ctx: RenderContext) -> Rendition:
         """Resize every frame (GIF/WebP give each frame fully composited), keeping durations and loop count."""

@@ -6,8 +6,8 @@ nginx/nginx.conf.j2), which an instance answers here: it deletes the original fr
 then the cache files of every rendition nginx may hold for the key, so the next request is a MISS that fetches
 the original from the origin again.
 
-nginx-light has no purge module, so the files are found the way nginx names them: the md5 of the cache key
-(``proxy_cache_key "$uri|$phizer_format|$phizer_fingerprint"``) in the folders given by ``levels=1:2``. The
+nginx-light has no purge module, so the files are found the way nginx names them: the md5 of the cache key in
+the folders given by the cache levels (both defined once in service/identity.py and rendered into nginx's config). The
 renditions a key can have (each preset, plain and with each format suffix, each with every format token it
 can get) are not listed here but found by running service/presets.py's own rules over the candidate URLs, so
 they cannot drift from what nginx and the app do.
@@ -34,14 +34,13 @@ import falcon
 from service.cache import OriginalStore
 from service.config import Config
 from service.errors import BadRequest, PhizerError
-from service.identity import preset_fingerprints
+from service.identity import CACHE_KEY, CACHE_LEVELS, preset_fingerprints
 from service.presets import NEGOTIATED, SUFFIX_FORMATS, Preset, check_key, format_token, parse_path
 
 log = logging.getLogger(__name__)
 
 PURGE_PATH = "/_phizer/purge"  # nginx/nginx.conf.j2 lets only loopback (and admin_allow) reach it
 CACHE_DIR_ENV = "PHIZER_NGINX_CACHE_DIR"  # nginx's proxy_cache_path on this host (launcher, Ansible)
-CACHE_LEVELS = (1, 2)  # proxy_cache_path ... levels=1:2 in nginx/nginx.conf.j2
 HEADER_VERSION_BYTES = 8  # ngx_http_file_cache_header_t starts with its version (an ngx_uint_t)
 MAX_KEYS = 1000  # per request; `phizer purge` sends batches
 MAX_BODY_BYTES = 1024 * 1024  # nginx's client_max_body_size for the admin location
@@ -83,12 +82,12 @@ def renditions(presets: Mapping[str, Preset], key: str, max_key_bytes: int, form
 
 
 def cache_key(rendition: Rendition, fingerprint: str) -> str:
-    """nginx's ``proxy_cache_key "$uri|$phizer_format|$phizer_fingerprint"`` for a rendition."""
-    return f"{rendition.path}|{rendition.token}|{fingerprint}"
+    """nginx's cache key (identity.CACHE_KEY) for a rendition."""
+    return CACHE_KEY.format(uri=rendition.path, token=rendition.token, fingerprint=fingerprint)
 
 
 def cache_file(cache_dir: str | os.PathLike[str], key: str) -> Path:
-    """Where nginx keeps the entry of cache key ``key``: md5 hex, folders from its end (``levels=1:2``)."""
+    """Where nginx keeps the entry of cache key ``key``: md5 hex, folders from its end (identity.CACHE_LEVELS)."""
     digest = hashlib.md5(key.encode("utf-8", "surrogatepass")).hexdigest()
     folders, end = [], len(digest)
     for width in CACHE_LEVELS:

@@ -3,54 +3,28 @@
 Each key gets one request per preset and format token (an Accept header that earns the token: WebP and not, for
 "auto" presets), the same list service/purge.py derives from service/presets.py's rules, for the presets the
 target itself serves (its ``/presets.json``). Keys are given, or listed from the first origin under a prefix
-(S3's ListObjectsV2, a folder walk). Requests go through nginx, so each rendition lands in its cache: the
-first visitor gets a HIT. A 503 (the host's render budget is full) is retried after its Retry-After.
+(service.origins.list_keys). Requests go through nginx, so each rendition lands in its cache: the first visitor
+gets a HIT. A 503 (the host's render budget is full) is retried after its Retry-After.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 
 import urllib3
 from tqdm import tqdm
 
-from service.config import Config
 from service.errors import PhizerError
-from service.origins import FileOrigin, S3Origin, make_origin
 from service.presets import Preset
 from service.purge import Rendition, renditions
 
 MAX_RETRY_AFTER = 30.0  # seconds: a longer Retry-After is capped
-
-
-def list_keys(config: Config, prefix: str) -> Iterator[str]:
-    """The keys under ``prefix`` in the first origin (s3:// or file://; an HTTP server cannot be listed)."""
-    origin = make_origin(config.origins[0], config)
-    if isinstance(origin, S3Origin):
-        base = f"{origin.prefix}/" if origin.prefix else ""
-        pages = origin.client.get_paginator("list_objects_v2").paginate(Bucket=origin.bucket, Prefix=base + prefix)
-        for page in pages:
-            for item in page.get("Contents", []):
-                yield item["Key"][len(base) :]
-    elif isinstance(origin, FileOrigin):
-        start = origin.root / prefix.rpartition("/")[0]  # the deepest folder the prefix names in full
-        found = []
-        for folder, _, files in os.walk(start):
-            for name in files:
-                key = Path(folder, name).relative_to(origin.root).as_posix()
-                if key.startswith(prefix):
-                    found.append(key)
-        yield from sorted(found)
-    else:
-        raise ValueError(f"cannot list the keys of {config.origins[0]} (only s3:// and file:// origins): give keys")
 
 
 def served_presets(http: urllib3.PoolManager, url: str) -> dict[str, Preset]:

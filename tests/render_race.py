@@ -18,12 +18,11 @@ import functools
 import hashlib
 import io
 import json
-from collections.abc import Callable
 
 from PIL import Image
 
 from service.config import load_config
-from service.offload import make_offload
+from service.offload import make_spawn
 from service.pipeline import Pipeline
 
 CONFIG = load_config(environ={"PHIZER_ORIGINS": "file:///nonexistent"})
@@ -53,7 +52,7 @@ def originals() -> dict[str, bytes]:
 
 def main() -> None:
     repetitions = int(sys.argv[sys.argv.index("--repetitions") + 1])
-    offload: Callable[[Callable[[], bytes]], bytes] = make_offload(4)
+    spawn = make_spawn(4)  # the app's own way onto render threads
     jobs = [
         (name, data, preset, negotiated, forced)
         for name, data in originals().items()
@@ -77,7 +76,8 @@ def main() -> None:
         if "--gevent" in sys.argv:
             import gevent
 
-            greenlets = [gevent.spawn(offload, functools.partial(render_one, job)) for job in jobs]
+            on_thread = [functools.partial(spawn, functools.partial(render_one, job)) for job in jobs]
+            greenlets = [gevent.spawn(lambda start=start: start().get()) for start in on_thread]
             gevent.joinall(greenlets, raise_error=True)
             bodies = [g.value for g in greenlets]
         else:

@@ -73,12 +73,12 @@ def test_etag_matching() -> None:
 def test_offload_runs_on_another_native_thread_and_raises_there() -> None:
     import threading
 
-    from service.offload import make_offload
+    from service.offload import make_spawn
 
-    offload = make_offload(2)
-    assert offload(threading.get_ident) != threading.get_ident()
+    spawn = make_spawn(2)
+    assert spawn(threading.get_ident).get() != threading.get_ident()
     with pytest.raises(NotFound):
-        offload(lambda: FakeStore({}).get("gone.jpg"))
+        spawn(lambda: FakeStore({}).get("gone.jpg")).get()
 
 
 def test_a_bug_of_ours_is_a_500_not_a_corrupt_image(corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:

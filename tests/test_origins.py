@@ -24,7 +24,7 @@ from typing import Any
 import boto3
 import pytest
 
-from service import origins
+from service import public_net
 from service.config import ConfigError, Limits, parse_config
 from service.errors import BadGateway, GatewayTimeout, NotFound, TooLarge
 from service.origins import FileOrigin, HttpOrigin, OriginChain, OriginFailure, OriginTimeout, S3Origin, make_origin
@@ -400,7 +400,7 @@ def test_redirects_are_a_policy(serve: Callable[..., Scripted]) -> None:
     ],
 )
 def test_address_refusal(address: str, refusal: str | None) -> None:
-    assert origins.address_refusal(address) == refusal
+    assert public_net.address_refusal(address) == refusal
 
 
 def test_private_addresses_are_refused_unless_allowed(serve: Callable[..., Scripted]) -> None:
@@ -440,8 +440,12 @@ def test_a_redirect_cannot_reach_a_private_address(
     when the same-host redirect needs a new connection. That one is refused; the server there sees nothing."""
     public = serve({"/a.jpg": send(302, headers={"Location": "/b.jpg", "Connection": "close"})}, host="127.0.0.2")
     private = serve({"/b.jpg": send(200, b"internal")}, port=public.port)
-    check = origins.address_refusal
-    monkeypatch.setattr(origins, "address_refusal", lambda address: None if address == "127.0.0.2" else check(address))
+    check = public_net.address_refusal
+
+    def refusal(address: str) -> str | None:
+        return None if address == "127.0.0.2" else check(address)
+
+    monkeypatch.setattr(public_net, "address_refusal", refusal)
     resolve, answers = socket.getaddrinfo, iter(["127.0.0.2", "127.0.0.1"])
     monkeypatch.setattr(
         socket, "getaddrinfo", lambda host, *args: resolve(next(answers) if host == "origin.test" else host, *args)
@@ -461,7 +465,7 @@ def test_tls_checks_the_host_name_not_the_checked_address(
     cert, key = self_signed_cert(tmp_path)  # for 127.0.0.1 and localhost
     server = serve({"/a.jpg": send(200, b"a")}, tls=(cert, key))
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    monkeypatch.setattr(origins, "address_refusal", lambda address: None)
+    monkeypatch.setattr(public_net, "address_refusal", lambda address: None)
     resolve = socket.getaddrinfo
     monkeypatch.setattr(
         socket, "getaddrinfo", lambda host, *args: resolve("127.0.0.1" if host == "origin.test" else host, *args)

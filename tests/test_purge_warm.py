@@ -29,9 +29,10 @@ from PIL import Image
 from service.cache import MemcachedOriginals, origins_namespace
 from service.config import load_config
 from service.launcher import Stack
+from service.origins import list_keys
 from service.procs import free_port
 from service.purge import Rendition, renditions
-from service.warm import _get, list_keys
+from service.warm import _get
 from tests.support import AWS_ENV, REPO, VENV_BIN, CountingProxy, s3_client
 
 PRESETS = {
