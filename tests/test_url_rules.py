@@ -85,7 +85,9 @@ def fetch(stack: Stack, path: str, accept: str) -> tuple[http.client.HTTPRespons
     for _ in range(50):  # nginx logs just after the last byte is sent
         with stack.access_log.open("rb") as log:
             log.seek(before)
-            lines = [line for line in log.read().decode("latin-1").splitlines() if line]
+            written = log.read()
+        # A long line spans pages, and a read racing nginx's write can see only part of it: wait for the newline.
+        lines = [line for line in written.decode("latin-1").splitlines() if line] if written.endswith(b"\n") else []
         if lines:
             match = LOG_FIELDS.search(lines[-1])
             assert match, lines[-1]
