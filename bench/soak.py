@@ -745,6 +745,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.monotonic()
     with stack:
         presets = requests.get(stack.url + "/presets.json", timeout=10).json()
+        presets.pop("_", None)  # signed ad-hoc sizes' settings, when signing is on: not a preset
         traffic = Traffic(sources, hostile, presets, pages, args.seed)
         results["presets"] = presets
         results["settings"]["largest_preset"] = traffic.largest

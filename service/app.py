@@ -22,7 +22,7 @@ from service.config import Config
 from service.errors import Overloaded, PhizerError
 from service.gallery import GalleryResource
 from service.guards import configure_decoders
-from service.identity import etag_matches, preset_fingerprints, rendition_etag
+from service.identity import etag_matches, preset_fingerprint, preset_fingerprints, rendition_etag
 from service.metrics import (
     DEADLINES,
     INTERMEDIATES,
@@ -35,13 +35,15 @@ from service.metrics import (
 from service.offload import make_spawn
 from service.origins import OriginChain, make_origin
 from service.pipeline import Pipeline
-from service.presets import ImageRequest, format_token, negotiates, parse_path
+from service.presets import ADHOC, ImageRequest, Preset, format_token, negotiates, parse_path
 from service.purge import CACHE_DIR_ENV, PURGE_PATH, PurgeResource
 
 log = logging.getLogger(__name__)
 
 # Statuses that say something about the original itself (nginx caches them for cache_valid_404, too).
 ORIGINAL_VERDICTS = (404, 413, 415, 422)
+# ... and a bad signature, which a signed URL keeps: all carry error_cache_control.
+CACHED_BRIEFLY = (*ORIGINAL_VERDICTS, 403)
 # An incoming X-Request-ID is kept when it looks like one (nginx sets a valid one); anything else is replaced.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics")  # polled by machines: no access log line
@@ -67,25 +69,30 @@ class ImageResource:
         if req.method not in ("GET", "HEAD"):
             resp.set_header("Allow", "GET, HEAD")
             raise _Status(405, f"method {req.method} not allowed")
+        config = self.config
         request = parse_path(
-            req.path, self.config.presets, self.config.limits.max_key_bytes, self.config.encoding.url_format_suffix
+            req.path, config.presets, config.limits.max_key_bytes, config.encoding.url_format_suffix, config.signing
         )
         token = format_token(request, req.get_header("Accept"))
-        fingerprint = self.fingerprints[request.preset.name]
+        preset = request.preset
+        # An ad-hoc size's ETag covers its whole preset (nginx's key has the size in the path: service/identity.py).
+        fingerprint = preset_fingerprint(config, preset) if preset.name == ADHOC else self.fingerprints[preset.name]
         timings: Timings = req.context.timings
-        req.context.fields.update(preset=request.preset.name, key=request.key, format=request.format or token)
-        resp.set_header("Cache-Control", self.config.cache_control)
+        req.context.fields.update(preset=preset.name, key=request.key, format=request.format or token)
         if negotiates(request):
             resp.set_header("Vary", "Accept")
         if_none_match = req.get_header("If-None-Match")
         if if_none_match:
             # Revalidation (nginx's, a browser's) is decided from the digest in memcached's head item when it
             # is there: no origin fetch, not even a read of the original's chunks.
-            digest = self.store.digest(request.key)
-            if digest is not None and self._not_modified(resp, if_none_match, digest, fingerprint, request, token):
-                return
+            head = self.store.head(request.key)
+            if head is not None:
+                self._lifetime(resp, preset, head.fallback)
+                if self._not_modified(resp, if_none_match, head.digest, fingerprint, request, token):
+                    return
         with timings.stage("original"):
             original = self.store.get(request.key, timings, deadline)
+        self._lifetime(resp, preset, original.fallback)
         if self._not_modified(resp, if_none_match, original.digest, fingerprint, request, token):
             return
         rendition = self.renderer.render(
@@ -103,6 +110,20 @@ class ImageResource:
         req.context.fields["format"] = rendition.format
         resp.content_type = rendition.content_type
         resp.data = rendition.body
+
+    def _lifetime(self, resp: falcon.Response, preset: Preset, fallback: bool) -> None:
+        """Cache-Control for browsers and CDNs, and X-Accel-Expires for nginx (which honours it over its own
+        proxy_cache_valid, and never forwards it): the preset's, or the short fallback ones for an original that a
+        fallback origin served, so the rendition is made again from the first origin once the original is there.
+        Set on 200s and 304s only: the error handler removes it (nginx must never keep an error long)."""
+        config = self.config
+        cache_control, seconds = (
+            (config.fallback_cache_control, config.fallback_cache_valid)
+            if fallback
+            else (preset.cache_control or config.cache_control, preset.cache_valid)
+        )
+        resp.set_header("Cache-Control", cache_control)
+        resp.set_header("X-Accel-Expires", str(config.cache_valid if seconds is None else seconds))
 
     @staticmethod
     def _not_modified(
@@ -145,7 +166,8 @@ def create_app(
     if store is None:
         cache = None
         if config.memcached.servers:
-            cache = MemcachedOriginals(config.memcached, config.limits, origins_namespace(config.origins))
+            namespace = origins_namespace(config.origins)
+            cache = MemcachedOriginals(config.memcached, config.limits, namespace, config.fallback_cache_valid)
         store = OriginalStore(OriginChain([make_origin(url, config) for url in config.origins]), cache)
     configure_decoders(config.limits)
     instance = instance if config.instance_header else ""
@@ -158,7 +180,10 @@ def create_app(
 
     app = falcon.App(media_type=falcon.MEDIA_TEXT)
     app.req_options.strip_url_path_trailing_slash = False
-    presets_body = json.dumps({name: preset.public() for name, preset in config.presets.items()}, indent=1).encode()
+    described = {name: preset.public() for name, preset in config.presets.items()}
+    if config.signing.keys:  # signed ad-hoc sizes, under their path's reserved first segment: limits, never keys
+        described[ADHOC] = config.signing.public()
+    presets_body = json.dumps(described, indent=1).encode()
 
     def presets(req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = falcon.MEDIA_JSON
@@ -203,10 +228,12 @@ def create_app(
         resp.content_type = falcon.MEDIA_TEXT
         resp.text = exc.reason + "\n"
         # Verdicts on the original (missing, too large, not an image, corrupt) are cached briefly: a missing or bad
-        # file requested in a loop must not hammer the origin or be decoded again each time. Other errors never.
-        cached = exc.status in ORIGINAL_VERDICTS
+        # file requested in a loop must not hammer the origin or be decoded again each time; so is a bad signature.
+        # Other errors never. nginx's lifetime for a 200 must not stick to an error (a render failed after it).
+        cached = exc.status in CACHED_BRIEFLY
         resp.set_header("Cache-Control", config.error_cache_control if cached else "no-store")
         resp.delete_header("ETag")
+        resp.delete_header("X-Accel-Expires")
         if isinstance(exc, Overloaded):
             resp.set_header("Retry-After", str(exc.retry_after))
         if instance:

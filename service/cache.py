@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "phz2:"  # bump when the stored layout changes
 NAMESPACE = re.compile(r"[0-9A-Za-z_-]{1,64}")
-# digest:size:count, as ``set`` writes it; 15 digits bound the numbers before int() sees them.
-HEAD_FORMAT = re.compile(rb"([0-9a-f]{%d}):([0-9]{1,15}):([0-9]{1,15})" % DIGEST_CHARS)
+# digest:size:count[:f], as ``set`` writes it (":f": a fallback origin served it); 15 digits bound the numbers
+# before int() sees them.
+HEAD_FORMAT = re.compile(rb"([0-9a-f]{%d}):([0-9]{1,15}):([0-9]{1,15})(:f)?" % DIGEST_CHARS)
 
 
 class OriginalFetcher(Protocol):
@@ -64,26 +65,31 @@ def chunk_keys(head_key: str, digest: str, count: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Head:
-    """What a head item says of an original: its digest, its size in bytes and the number of chunks holding it."""
+    """What a head item says of an original: its digest, its size in bytes, the number of chunks holding it, and
+    whether a fallback origin served it (its renditions live shortly, 304s included)."""
 
     digest: str
     size: int
     count: int
+    fallback: bool = False
 
 
 class MemcachedOriginals:
     """Originals in memcached, chunked, under ``namespace``; every failure is logged and treated as a miss.
 
-    ``limits`` gives the timeout of every memcached call and the largest original a head may announce.
+    ``limits`` gives the timeout of every memcached call and the largest original a head may announce. An original
+    from a fallback origin is kept ``fallback_expire`` seconds at most (0: not at all): long enough to render its
+    other presets, short enough that the next render after its renditions expire asks the first origin again.
     """
 
-    def __init__(self, options: MemcachedOptions, limits: Limits, namespace: str) -> None:
+    def __init__(self, options: MemcachedOptions, limits: Limits, namespace: str, fallback_expire: int = 60) -> None:
         if not NAMESPACE.fullmatch(namespace):  # else every key would be refused and every read quietly miss
             raise ValueError(f"memcached namespace must match {NAMESPACE.pattern}, got {namespace!r}")
         self.options = options
         self.timeout = limits.memcached_timeout
         self.max_original_bytes = limits.max_original_bytes
         self.namespace = namespace
+        self.fallback_expire = min(fallback_expire, options.expire or fallback_expire)  # expire 0: never expires
 
     @functools.cached_property
     def addresses(self) -> list[tuple[str, int]]:
@@ -145,17 +151,16 @@ class MemcachedOriginals:
         if content_digest(data) != head.digest:
             log.warning("memcached original %r does not match its digest: a miss", key)
             return None
-        return Original(data=data, digest=head.digest)
+        return Original(data=data, digest=head.digest, fallback=head.fallback)
 
-    def digest(self, key: str) -> str | None:
-        """The cached original's digest, from its head item alone: enough to answer If-None-Match with a 304
-        without moving megabytes. None on a miss."""
+    def head(self, key: str) -> Head | None:
+        """The cached original's head item alone (its digest, whether a fallback served it): enough to answer
+        If-None-Match with a 304 without moving megabytes. None on a miss."""
         try:
-            head = self._head(cache_key(self.namespace, key))
+            return self._head(cache_key(self.namespace, key))
         except Exception as exc:  # memcached must never fail a request
             log.warning("memcached get failed: %s", exc)
             return None
-        return head.digest if head is not None else None
 
     def delete(self, key: str) -> bool:
         """Remove an original (``phizer purge``): its head first, so readers miss from then on, then the chunks
@@ -181,21 +186,24 @@ class MemcachedOriginals:
         if match is not None:
             size, count = int(match[2]), int(match[3])
             if size <= self.max_original_bytes and count == -(-size // self.options.chunk_bytes):
-                return Head(digest=match[1].decode("ascii"), size=size, count=count)
+                return Head(digest=match[1].decode("ascii"), size=size, count=count, fallback=bool(match[4]))
         log.warning("memcached head %s is malformed: a miss", head_key)
         return None
 
     def set(self, key: str, original: Original) -> None:
+        if original.fallback and not self.fallback_expire:  # memcached reads 0 as "never expires"
+            return
+        expire = self.fallback_expire if original.fallback else self.options.expire
         head_key = cache_key(self.namespace, key)
         step = self.options.chunk_bytes
         data = memoryview(original.data)
         parts = [bytes(data[offset : offset + step]) for offset in range(0, len(data), step)]
         items = dict(zip(chunk_keys(head_key, original.digest, len(parts)), parts, strict=True))
-        head = f"{original.digest}:{len(data)}:{len(parts)}".encode("ascii")
+        head = f"{original.digest}:{len(data)}:{len(parts)}{':f' if original.fallback else ''}".encode("ascii")
         try:
             # Chunks first, head last: a reader that finds the head finds the chunks.
-            self.client.set_many(items, expire=self.options.expire, noreply=False)
-            self.client.set(head_key, head, expire=self.options.expire, noreply=False)
+            self.client.set_many(items, expire=expire, noreply=False)
+            self.client.set(head_key, head, expire=expire, noreply=False)
         except Exception as exc:  # a failed store only costs a later miss
             log.warning("memcached set failed: %s", exc)
 
@@ -275,10 +283,10 @@ class OriginalStore:
         probe = getattr(self.origins, "unreachable", None)  # the real chain; fakes in tests may not probe
         return problems + (probe() if probe is not None else [])
 
-    def digest(self, key: str) -> str | None:
-        """The original's digest if memcached has it, else None (also without a cache): the origins are never
+    def head(self, key: str) -> Head | None:
+        """The original's head item if memcached has it, else None (also without a cache): the origins are never
         asked, so a conditional request costs one small memcached read at most."""
-        return self.cache.digest(key) if self.cache is not None else None
+        return self.cache.head(key) if self.cache is not None else None
 
     def delete(self, key: str) -> bool:
         """Forget the original in memcached (``phizer purge``); True when it was cached there."""

@@ -4,6 +4,7 @@ phizer run [--port P ...]            the whole stack on this machine (what ``mak
 phizer purge KEY... [--host URL]     forget keys' renditions (nginx, each host) and originals (memcached)
 phizer warm KEY... | --prefix P      render every preset of keys through nginx ahead of visitors
 phizer check-config FILE             validate a config; print the effective presets and limits
+phizer sign WxH KEY... [--fit F]     print signed ad-hoc URLs (signing.keys or PHIZER_SIGNING_KEYS)
 phizer bench | soak [ARGS]           ``make bench`` / ``make soak`` (their peers and venvs come with them)
 """
 
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import urllib.parse
 from collections.abc import Sequence
 
 import urllib3
@@ -103,7 +105,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         extra = f" quality_by_format={dict(preset.quality_by_format)}" if preset.quality_by_format else ""
         print(
             f"  {name:<12} {size:<11} fit={preset.fit:<7} upscale={str(preset.upscale).lower():<5} "
-            f"quality={preset.quality:<3} format={preset.format:<6} fingerprint={fingerprints[name]}{extra}"
+            f"quality={preset.quality:<3} format={preset.format:<6} fingerprint={fingerprints[name]}{extra} "
+            f"cache_valid={preset.cache_valid}s cache_control={preset.cache_control!r}"
         )
     print("origins:", ", ".join(config.origins))
     memcached = dataclasses.asdict(config.memcached)
@@ -124,6 +127,42 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print("other:")
     for name, value in others.items():
         print(f"  {name} = {value}")
+    keys = len(config.signing.keys)  # how many, never what they are
+    print(f"signed ad-hoc sizes: {f'on ({keys} keys)' if keys else 'off (no signing keys)'}")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    """Print a signed ad-hoc URL per key, checked by the app's own parser (a size over the limits is refused here)."""
+    from service.config import ConfigError, load_config
+    from service.errors import PhizerError
+    from service.presets import ADHOC, parse_adhoc
+    from service.signature import sign
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"phizer sign: invalid config: {exc}", file=sys.stderr)
+        return 1
+    if not config.signing.keys:
+        print("phizer sign: signing is off: set signing.keys or PHIZER_SIGNING_KEYS", file=sys.stderr)
+        return 1
+    if args.gravity and not args.fit:
+        print("phizer sign: --gravity needs --fit (the URL gives the fit before the gravity)", file=sys.stderr)
+        return 2
+    options = [part for part in (args.size, args.fit, args.gravity) if part]
+    for key in args.keys:
+        signed = "/".join([*options, key])
+        signature = sign(config.signing.keys, signed)
+        try:
+            request = parse_adhoc(f"{signature}/{signed}", config.signing, config.limits.max_key_bytes)
+        except PhizerError as exc:
+            print(f"phizer sign: {key}: {exc.reason}", file=sys.stderr)
+            return 1
+        if request.key != key:  # e.g. a key starting with "cover/" and no --fit: the URL would mean another key
+            print(f"phizer sign: {key}: give --fit (and --gravity): its first segment reads as one", file=sys.stderr)
+            return 1
+        print(f"{_base(args.base)}/{ADHOC}/{signature}/{urllib.parse.quote(signed)}")
     return 0
 
 
@@ -177,6 +216,20 @@ def parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
+
+    signer = sub.add_parser(
+        "sign",
+        help="print signed URLs of an ad-hoc size (signing.keys, or PHIZER_SIGNING_KEYS)",
+        description="Print /_/<signature>/<W>x<H>[/<fit>[/<gravity>]]/<key> for each KEY, signed with the first "
+        "key of the config's signing.keys (or $PHIZER_SIGNING_KEYS). W or H may be left out (640x, x480).",
+    )
+    signer.add_argument("size", metavar="WxH", help="the box, e.g. 640x480, 640x or x480")
+    signer.add_argument("keys", nargs="+", metavar="KEY", help="an original's key")
+    signer.add_argument("--fit", help="contain (default) or cover, as a preset's")
+    signer.add_argument("--gravity", help="where a cover crop keeps the image: centre, north, ..., smart")
+    signer.add_argument("--base", default=DEFAULT_URL, help=f"the site's URL ('' for paths; default {DEFAULT_URL})")
+    signer.add_argument("--config", help="config file (default: $PHIZER_CONFIG, else the bundled default)")
+    signer.set_defaults(func=cmd_sign)
 
     for target, what in (("bench", "phizer against thumbor and nginx on this machine"), ("soak", "ten minutes of "
                          "mixed traffic through the real stack; ARGS e.g. --minutes 1")):  # fmt: skip

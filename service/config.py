@@ -3,9 +3,10 @@
 Everything tunable (presets, origins, memcached, every limit) lives here so that a reader finds all knobs in
 one place, and a typo in a config file stops the service at start-up with a message naming the bad key
 instead of surfacing as a 500 later. Environment variables override the file for the few things an
-operator changes per host: ``PHIZER_CONFIG`` (the file), ``PHIZER_ORIGINS``, ``PHIZER_MEMCACHED``, and
+operator changes per host: ``PHIZER_CONFIG`` (the file), ``PHIZER_ORIGINS``, ``PHIZER_MEMCACHED``,
 ``PHIZER_ALLOW_PRIVATE_ORIGINS`` (1 or 0, true or false), which goes with the origins: an upload server on the
-internal network given in ``PHIZER_ORIGINS`` needs it, and there may be no config file to say so.
+internal network given in ``PHIZER_ORIGINS`` needs it, and there may be no config file to say so; and
+``PHIZER_SIGNING_KEYS`` (comma-separated), so the secrets of signed ad-hoc sizes need not sit in the file.
 S3 endpoint and credentials deliberately stay with boto3's own chain (``AWS_ENDPOINT_URL``, ...).
 """
 
@@ -20,10 +21,14 @@ from typing import Any
 
 import yaml
 
-from service.presets import FITS, FORMATS, Preset
+from service.presets import ADHOC, FITS, FORMATS, GRAVITIES, Preset, Signing
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Lifetimes are whole seconds, or nginx's way of writing them with one unit: 30s, 10m, 12h, 7d.
+DURATION = re.compile(r"([0-9]{1,9})([smhd]?)")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MIN_SIGNING_KEY_CHARS = 16  # an HMAC key shorter than this is guessable
 
 
 class ConfigError(ValueError):
@@ -89,7 +94,13 @@ class Config:
     memcached: MemcachedOptions = MemcachedOptions()
     limits: Limits = Limits()
     encoding: Encoding = Encoding()
-    cache_control: str = "public, max-age=31536000"
+    cache_control: str = "public, max-age=31536000"  # every preset's default (a preset may set its own)
+    cache_valid: int = 7 * 86400  # seconds nginx keeps a rendition: every preset's default ("7d" in YAML)
+    # Renditions of an original served by a fallback origin (any after the first: e.g. the upload server, before
+    # the file reaches S3) live this short, in browsers, CDNs and nginx (and the original as long in memcached),
+    # so once the original is on the first origin the next render takes it from there.
+    fallback_cache_control: str = "public, max-age=60"
+    fallback_cache_valid: int = 60
     error_cache_control: str = "public, max-age=60"  # for 404/413/415/422: a bad file cannot hammer the origin
     s3_max_pool_connections: int = 64  # botocore's default of 10 would throw away connections under load
     # HTTP origins may connect to private, loopback, link-local... addresses (an upload server on the internal
@@ -101,6 +112,8 @@ class Config:
     render_threads: int = 0
     instance_header: bool = True  # X-Phizer-Instance on responses (debugging aid; the Ansible role turns it off)
     gallery: bool = True  # GET / shows the originals at every preset (service/gallery.py; off in the Ansible role)
+    # Signed ad-hoc sizes (/_/<signature>/<W>x<H>/<key>): off without keys.
+    signing: Signing = dataclasses.field(default_factory=Signing)
 
 
 def _check_type(path: str, value: Any, expected: type | tuple[type, ...]) -> Any:
@@ -144,11 +157,42 @@ def _build(cls: type, path: str, raw: Any, **fixed: Any) -> Any:
     return cls(**values)
 
 
+def _duration(path: str, value: Any) -> int:
+    """Seconds from a whole number or a duration with one unit ("30s", "10m", "12h", "7d")."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = DURATION.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f"{path}: expected seconds or a duration such as 30s, 10m, 12h or 7d, got {value!r}")
+    return int(match[1]) * DURATION_UNITS[match[2]]
+
+
+def _lifetimes(path: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with its optional ``cache_valid`` in seconds, its ``cache_control`` checked as a header value."""
+    raw = dict(raw)
+    if raw.get("cache_valid") is not None:
+        raw["cache_valid"] = _duration(f"{path}.cache_valid", raw["cache_valid"])
+    for name in ("cache_control", "fallback_cache_control"):
+        value = raw.get(name)
+        if value is not None and not (isinstance(value, str) and re.fullmatch(r"[ -~]+", value)):
+            raise ConfigError(f"{path}{'.' if path else ''}{name}: expected a header value (printable ASCII)")
+    return raw
+
+
+def _check_quality_format(path: str, quality: int, fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"{path}.format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not 1 <= quality <= 100:
+        raise ConfigError(f"{path}.quality: must be from 1 to 100, got {quality!r}")
+
+
 def _preset(name: str, raw: Any) -> Preset:
     path = f"presets.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise ConfigError(f"{path}: preset names may hold only letters, digits, '_' and '-'")
-    _check_type(path, raw, dict)
+    if name == ADHOC:
+        raise ConfigError(f"{path}: {ADHOC!r} is reserved for signed ad-hoc sizes (/{ADHOC}/<signature>/...)")
+    raw = _lifetimes(path, _check_type(path, raw, dict))
     for dim in ("width", "height"):
         value = raw.get(dim)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000):
@@ -160,14 +204,36 @@ def _preset(name: str, raw: Any) -> Preset:
         raise ConfigError(f"{path}.fit: must be one of {', '.join(FITS)}, got {preset.fit!r}")
     if preset.fit == "cover" and (preset.width is None or preset.height is None):
         raise ConfigError(f"{path}.fit: 'cover' needs both width and height")
-    if preset.format not in FORMATS:
-        raise ConfigError(f"{path}.format: must be one of {', '.join(FORMATS)}, got {preset.format!r}")
-    if not 1 <= preset.quality <= 100:
-        raise ConfigError(f"{path}.quality: must be from 1 to 100, got {preset.quality!r}")
+    if preset.gravity not in GRAVITIES:
+        raise ConfigError(f"{path}.gravity: must be one of {', '.join(GRAVITIES)}, got {preset.gravity!r}")
+    _check_quality_format(path, preset.quality, preset.format)
     for fmt, quality in preset.quality_by_format.items():
         if fmt not in FORMATS or isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
             raise ConfigError(f"{path}.quality_by_format.{fmt}: expected a known format and a quality from 1 to 100")
     return preset
+
+
+def _signing(raw: Any, environ: Mapping[str, str]) -> Signing:
+    """Signed ad-hoc sizes; the keys (from ``signing.keys`` or ``$PHIZER_SIGNING_KEYS``) are secrets: messages
+    name a bad one by its place, never by its value."""
+    raw = _lifetimes("signing", _check_type("signing", raw or {}, dict))
+    where, keys = "signing.keys", raw.pop("keys", [])
+    if environ.get("PHIZER_SIGNING_KEYS"):
+        where, keys = "PHIZER_SIGNING_KEYS", _split_env(environ["PHIZER_SIGNING_KEYS"])
+    if not isinstance(keys, list):
+        raise ConfigError(f"{where}: expected a list of keys")
+    for i, key in enumerate(keys):
+        if not isinstance(key, str) or len(key) < MIN_SIGNING_KEY_CHARS or "," in key or key != key.strip():
+            raise ConfigError(
+                f"{where}[{i}]: expected a string of at least {MIN_SIGNING_KEY_CHARS} characters, "
+                "without commas or surrounding spaces"
+            )
+    signing = _build(Signing, "signing", raw, keys=tuple(keys))
+    for side in ("max_width", "max_height"):
+        if not 1 <= getattr(signing, side) <= 10000:
+            raise ConfigError(f"signing.{side}: expected a whole number of pixels from 1 to 10000")
+    _check_quality_format("signing", signing.quality, signing.format)
+    return signing
 
 
 def _origin(index: int, url: str) -> str:
@@ -213,13 +279,17 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
         if not re.fullmatch(r"[^:\s]+:\d+", server):
             raise ConfigError(f"memcached.servers[{i}]: expected host:port, got {server!r}")
 
-    scalars = {k: v for k, v in raw.items() if k not in ("presets", "origins", "memcached", "limits", "encoding")}
+    sections = ("presets", "origins", "memcached", "limits", "encoding", "signing")
+    scalars = _lifetimes("", {k: v for k, v in raw.items() if k not in sections})
+    for name in ("cache_valid", "fallback_cache_valid"):
+        if name in scalars:
+            scalars[name] = _duration(name, scalars[name])
     private = environ.get("PHIZER_ALLOW_PRIVATE_ORIGINS", "").strip().lower()
     if private:
         if private not in ("1", "true", "0", "false"):
             raise ConfigError(f"PHIZER_ALLOW_PRIVATE_ORIGINS: expected 1 or 0 (true or false), got {private!r}")
         scalars["allow_private_origins"] = private in ("1", "true")
-    return _build(
+    config = _build(
         Config,
         "config",
         scalars,
@@ -228,6 +298,19 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
         memcached=memcached,
         limits=_build(Limits, "limits", raw.get("limits")),
         encoding=_build(Encoding, "encoding", raw.get("encoding")),
+        signing=_signing(raw.get("signing"), environ),
+    )
+    # Presets (and ad-hoc sizes) without lifetimes of their own get the config's: decided once, here.
+    inherit = {"cache_control": config.cache_control, "cache_valid": config.cache_valid}
+
+    def lifetimes(item: Preset | Signing) -> dict[str, Any]:
+        own = {name: getattr(item, name) for name in inherit}
+        return {name: inherit[name] if value is None else value for name, value in own.items()}
+
+    return dataclasses.replace(
+        config,
+        presets={name: dataclasses.replace(preset, **lifetimes(preset)) for name, preset in presets.items()},
+        signing=dataclasses.replace(config.signing, **lifetimes(config.signing)),
     )
 
 

@@ -27,6 +27,12 @@ class BadRequest(PhizerError):
     status = 400
 
 
+class Forbidden(PhizerError):
+    """A signed ad-hoc URL whose signature is missing or wrong."""
+
+    status = 403
+
+
 class NotFound(PhizerError):
     """Unknown preset, or the original exists in no origin."""
 

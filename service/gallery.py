@@ -2,8 +2,9 @@
 
 The originals of the first origin (the keys with an image extension, a page at a time), each at every preset
 side by side, with each rendition's size, format and bytes (read by the page itself from the rendition it loaded)
-and a link to it. It is on in the embedded config (``make run``) and off in production (``gallery: false``:
-listing the originals is nobody else's business). Plain HTML and a few lines of script, no assets.
+and a link to it; above them, a table of the presets (with their lifetimes) and whether signed ad-hoc sizes are on
+(their limits, never the keys). It is on in the embedded config (``make run``) and off in production
+(``gallery: false``: listing the originals is nobody else's business). Plain HTML and a few lines of script, no assets.
 """
 
 from __future__ import annotations
@@ -52,8 +53,32 @@ STYLE = """
 body { font: 14px system-ui, sans-serif; margin: 1.5em; background: #fafafa; }
 section { margin-bottom: 2em; } h2 { font-size: 1em; font-family: monospace; }
 .row { display: flex; gap: 1em; align-items: flex-start; overflow-x: auto; }
+table { border-collapse: collapse; margin-bottom: 1.5em; } td, th { padding: 2px 10px; text-align: left; }
 figure { margin: 0; } figcaption { color: #555; font-size: 12px; } img { display: block; background: #eee; }
 """
+
+
+def legend(config: Config) -> str:
+    """Every preset's definition and lifetimes, and the state of signed ad-hoc sizes."""
+    rows = "".join(
+        f"<tr><td><b>{html.escape(name)}</b></td><td>{preset.width or 'auto'}\u00d7{preset.height or 'auto'}</td>"
+        f"<td>{preset.fit}</td><td>{preset.format}</td><td>{preset.quality}</td>"
+        f"<td>{html.escape(str(preset.cache_control))}</td><td>{preset.cache_valid} s</td></tr>"
+        for name, preset in config.presets.items()
+    )
+    signing = config.signing
+    adhoc = (
+        f"on: up to {signing.max_width}\u00d7{signing.max_height}, format {signing.format}, quality "
+        f"{signing.quality}, {html.escape(str(signing.cache_control))}, nginx keeps {signing.cache_valid} s"
+        if signing.keys
+        else "off (no signing keys)"
+    )
+    return (
+        "<table><tr><th>preset</th><th>box</th><th>fit</th><th>format</th><th>quality</th><th>Cache-Control</th>"
+        f"<th>nginx keeps</th></tr>{rows}</table><p id='adhoc'>Signed ad-hoc sizes (/_/...): {adhoc}. Originals "
+        f"from a fallback origin: {html.escape(config.fallback_cache_control)}, nginx keeps "
+        f"{config.fallback_cache_valid} s.</p>"
+    )
 
 
 def page(config: Config, number: int) -> str:
@@ -84,7 +109,7 @@ def page(config: Config, number: int) -> str:
         nav.append(f'<a href="/?page={number + 1}">next \u2192</a>')
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>phizer gallery</title><style>{STYLE}</style>"
-        f"</head><body><h1>phizer: {len(config.presets)} presets, page {number + 1}</h1>{note}"
+        f"</head><body><h1>phizer: {len(config.presets)} presets, page {number + 1}</h1>{legend(config)}{note}"
         f"{''.join(sections) or '<p>No originals.</p>'}<nav>{' '.join(nav)}</nav>"
         f"<script>{SCRIPT}</script></body></html>"
     )

@@ -11,6 +11,10 @@ revalidate with it) and nginx's cache key (else nginx keeps serving, or 304-reva
   again and age out (``cache_inactive``).
 - ``rendition_etag``: the fingerprint with the original's digest, the URL-forced format and the format token.
 
+Signed ad-hoc sizes (``/_/...``) have one fingerprint for nginx, ``adhoc_fingerprint``, of their shared settings
+(the size, fit and gravity are in the path, hence in nginx's cache key); their ETag takes the fingerprint of the
+whole ad-hoc preset. A preset's lifetimes (``cache_control``, ``cache_valid``) change no bytes and are left out.
+
 The ETag is weak: a kept intermediate may give a preset a slightly different (equally good) resize than a
 fresh decode would, so equal ETags mean equivalent renditions, not always equal bytes.
 """
@@ -18,6 +22,7 @@ fresh decode would, so equal ETags mean equivalent renditions, not always equal 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 
@@ -25,6 +30,7 @@ import PIL
 from PIL import features
 
 from service.config import Config
+from service.presets import Preset
 
 # Bump when the pipeline's output for the same inputs changes.
 PIPELINE_VERSION = "2"
@@ -34,6 +40,7 @@ CACHE_KEY = "{uri}|{token}|{fingerprint}"
 CACHE_LEVELS = (1, 2)
 
 
+@functools.cache
 def library_versions() -> dict[str, str | None]:
     """Pillow and the codec libraries it was built against (an upgrade may change output bytes)."""
     versions: dict[str, str | None] = {"pillow": PIL.__version__}
@@ -46,20 +53,32 @@ def _digest(value: object, size: int = 16) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:size]
 
 
+# Preset fields that decide how long a rendition is kept, not its bytes.
+LIFETIME_FIELDS = ("cache_control", "cache_valid")
+
+
+def preset_fingerprint(config: Config, preset: Preset) -> str:
+    """A short hash of everything that decides ``preset``'s renditions' bytes, besides the original."""
+    definition = {**dataclasses.asdict(preset), "quality_by_format": dict(preset.quality_by_format)}
+    return _digest(
+        {
+            "pipeline": PIPELINE_VERSION,
+            "libraries": library_versions(),
+            "encoding": dataclasses.asdict(config.encoding),
+            "animation_limits": [config.limits.max_frames, config.limits.max_animation_pixels],
+            "preset": {name: value for name, value in definition.items() if name not in LIFETIME_FIELDS},
+        }
+    )
+
+
 def preset_fingerprints(config: Config) -> dict[str, str]:
-    """A short hash per preset of everything that decides its renditions' bytes, besides the original."""
-    shared = {
-        "pipeline": PIPELINE_VERSION,
-        "libraries": library_versions(),
-        "encoding": dataclasses.asdict(config.encoding),
-        "animation_limits": [config.limits.max_frames, config.limits.max_animation_pixels],
-    }
-    return {
-        name: _digest(
-            {**shared, "preset": {**dataclasses.asdict(preset), "quality_by_format": dict(preset.quality_by_format)}}
-        )
-        for name, preset in config.presets.items()
-    }
+    """The fingerprint of each named preset."""
+    return {name: preset_fingerprint(config, preset) for name, preset in config.presets.items()}
+
+
+def adhoc_fingerprint(config: Config) -> str:
+    """The fingerprint of signed ad-hoc sizes' shared settings (an ad-hoc preset without its URL's size)."""
+    return preset_fingerprint(config, config.signing.preset())
 
 
 def rendition_etag(original_digest: str, fingerprint: str, forced_format: str | None, token: str) -> str:

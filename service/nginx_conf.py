@@ -19,8 +19,8 @@ from typing import Any
 import jinja2
 
 from service.config import REPO_ROOT, Config, load_config
-from service.identity import CACHE_KEY, CACHE_LEVELS, preset_fingerprints
-from service.presets import NEGOTIATED, SUFFIX_PATTERN
+from service.identity import CACHE_KEY, CACHE_LEVELS, adhoc_fingerprint, preset_fingerprints
+from service.presets import ADHOC, ADHOC_PATTERN, NEGOTIATED, SUFFIX_PATTERN
 
 TEMPLATE = REPO_ROOT / "nginx" / "nginx.conf.j2"
 UPSTREAM_MARGIN = 5  # seconds nginx waits for an instance beyond the app's request_timeout
@@ -39,6 +39,19 @@ def config_vars(config: Config) -> dict[str, Any]:
         # nginx waits for an instance a little longer than the app's own deadline, never less: it must not give up
         # first (and mark the instance failed) while the app still works on an answer.
         "upstream_timeout": f"{math.ceil(config.limits.request_timeout) + UPSTREAM_MARGIN}s",
+        # How long nginx keeps a 200 that does not say (the app sends X-Accel-Expires with each rendition's own).
+        "cache_valid": f"{config.cache_valid}s",
+        # Signed ad-hoc sizes (only with signing keys; never the keys): their path prefix, the pattern of the signed
+        # part (whose adhoc_key group is the original's key nginx hashes on), their fingerprint, and whether their
+        # format is negotiated.
+        "adhoc": {
+            "prefix": ADHOC,
+            "pattern": ADHOC_PATTERN,
+            "fingerprint": adhoc_fingerprint(config),
+            "negotiates": int(config.signing.format == "auto"),
+        }
+        if config.signing.keys
+        else {},
     }
 
 

@@ -55,14 +55,16 @@ def content_digest(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class Original:
-    """An original's bytes and their digest (its identity for ETags and per-instance caches)."""
+    """An original's bytes and their digest (its identity for ETags and per-instance caches); ``fallback`` when a
+    fallback origin (not the first) served it: its renditions live shortly (config ``fallback_cache_*``)."""
 
     data: bytes
     digest: str
+    fallback: bool = False
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Original:
-        return cls(data=data, digest=content_digest(data))
+    def from_bytes(cls, data: bytes, fallback: bool = False) -> Original:
+        return cls(data=data, digest=content_digest(data), fallback=fallback)
 
 
 class OriginFailure(Exception):
@@ -422,7 +424,7 @@ class OriginChain:
 
     def fetch(self, key: str) -> Original:
         failures: list[OriginFailure] = []
-        for origin in self.origins:
+        for index, origin in enumerate(self.origins):
             try:
                 data = origin.fetch(key)
             except OriginFailure as exc:
@@ -431,7 +433,7 @@ class OriginChain:
                 failures.append(exc)
                 continue
             if data is not None:
-                return Original.from_bytes(data)
+                return Original.from_bytes(data, fallback=index > 0)
         # The public reason never names an origin (bucket, host, path): the detail is for the log only.
         if failures and all(isinstance(exc, OriginTimeout) for exc in failures):
             raise GatewayTimeout("origin timed out", str(failures[-1]))

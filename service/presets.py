@@ -15,9 +15,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from service.errors import BadRequest, NotFound
+from service.errors import BadRequest, Forbidden, NotFound
+from service.signature import verify
 
 FITS = ("contain", "cover")
+GRAVITIES = ("centre", "north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest", "smart")
 # "auto" negotiates from Accept (WebP when the browser lists it); "source" keeps the original's format.
 FORMATS = ("auto", "source", "jpeg", "png", "webp", "gif")
 # URL suffixes that force an output format (see parse_path).
@@ -31,6 +33,16 @@ _SUFFIX_RE = re.compile(SUFFIX_PATTERN, re.IGNORECASE | re.ASCII)  # ASCII case 
 # when the request's Accept header contains it (case-insensitively). The token is all of Accept that a
 # rendition depends on: nginx keys its cache on it and forwards only its media type.
 NEGOTIATED = (("webp", "image/webp"),)
+# Signed ad-hoc sizes: ``/_/<signature>/<W>x<H>[/<fit>[/<gravity>]]/<key>``, the signature over everything after
+# ``/_/<signature>/``. ADHOC is the path's first segment (never a preset name); ADHOC_PATTERN the signed part, read
+# alike by Python's ``re`` and nginx's PCRE (nginx hashes on its adhoc_key group). A segment after the size that is
+# a fit (then a gravity) token is read as one, so a key starting with such a word needs the fit (and gravity) given.
+ADHOC = "_"
+ADHOC_PATTERN = (
+    rf"(?P<adhoc_w>[0-9]*)x(?P<adhoc_h>[0-9]*)"
+    rf"(?:/(?P<adhoc_fit>{'|'.join(FITS)})(?:/(?P<adhoc_gravity>{'|'.join(GRAVITIES)}))?)?/(?P<adhoc_key>.+)"
+)
+_ADHOC_RE = re.compile(ADHOC_PATTERN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +53,16 @@ class Preset:
     width: int | None = None  # None: free (derived from height and the aspect ratio)
     height: int | None = None
     fit: str = "contain"  # contain: largest size inside the box; cover: exactly the box, centre-cropped
+    gravity: str = "centre"
     upscale: bool = False  # never enlarge beyond the original unless asked
     quality: int = 82
     quality_by_format: Mapping[str, int] = dataclasses.field(default_factory=dict)
     format: str = "auto"
+    # Lifetimes (service/config.py fills in the config's when a preset has none): Cache-Control for browsers and
+    # CDNs, and the seconds nginx keeps a rendition (the app sends them as X-Accel-Expires). Not part of a
+    # rendition's identity: they do not change its bytes.
+    cache_control: str | None = None
+    cache_valid: int | None = None
 
     def quality_for(self, fmt: str) -> int:
         """The encoder quality for output format ``fmt`` (a per-format override, else the preset's)."""
@@ -59,6 +77,49 @@ class Preset:
             "upscale": self.upscale,
             "quality": self.quality,
             "format": self.format,
+            "cache_control": self.cache_control,
+            "cache_valid": self.cache_valid,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Signing:
+    """Signed ad-hoc sizes: on when ``keys`` are given; the size limits and the settings of their renditions."""
+
+    keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # secrets: never shown, served or logged
+    max_width: int = 4000
+    max_height: int = 4000
+    quality: int = 82
+    format: str = "auto"
+    cache_control: str | None = None  # as a preset's (default: the config's)
+    cache_valid: int | None = None
+
+    def preset(
+        self, width: int | None = None, height: int | None = None, fit: str = "contain", gravity: str = "centre"
+    ) -> Preset:
+        """The preset of one signed size: the URL gives the box, fit and gravity; the rest comes from here."""
+        return Preset(
+            name=ADHOC,
+            width=width,
+            height=height,
+            fit=fit,
+            gravity=gravity,
+            quality=self.quality,
+            format=self.format,
+            cache_control=self.cache_control,
+            cache_valid=self.cache_valid,
+        )
+
+    def public(self) -> dict[str, Any]:
+        """What ``/presets.json`` says of ad-hoc sizes: whether they are on and their limits, never the keys."""
+        return {
+            "enabled": bool(self.keys),
+            "max_width": self.max_width,
+            "max_height": self.max_height,
+            "quality": self.quality,
+            "format": self.format,
+            "cache_control": self.cache_control,
+            "cache_valid": self.cache_valid,
         }
 
 
@@ -88,14 +149,20 @@ def check_key(key: str, max_bytes: int) -> str:
 
 
 def parse_path(
-    path: str, presets: Mapping[str, Preset], max_key_bytes: int, format_suffix: bool = True
+    path: str,
+    presets: Mapping[str, Preset],
+    max_key_bytes: int,
+    format_suffix: bool = True,
+    signing: Signing | None = None,
 ) -> ImageRequest:
     """Split ``/<preset>/<key>`` (already percent-decoded) into a preset and a checked key.
 
     With ``format_suffix``, ``/<preset>/photo.jpg.webp`` asks for ``photo.jpg`` as WebP (``SUFFIX_PATTERN``;
-    nginx's ``$phizer_key`` map applies the same pattern).
+    nginx's ``$phizer_key`` map applies the same pattern). With ``signing`` keys, ``/_/...`` is a signed ad-hoc size.
     """
     name, sep, key = path.lstrip("/").partition("/")
+    if name == ADHOC and signing is not None and signing.keys:
+        return parse_adhoc(key, signing, max_key_bytes)
     preset = presets.get(name)
     if preset is None:
         raise NotFound(f"unknown preset {name!r}")
@@ -106,6 +173,31 @@ def parse_path(
     if suffixed:
         key, fmt = suffixed["sfx_key"], SUFFIX_FORMATS[suffixed["sfx_ext"].lower()]
     return ImageRequest(preset=preset, key=check_key(key, max_key_bytes), format=fmt)
+
+
+def parse_adhoc(path: str, signing: Signing, max_key_bytes: int) -> ImageRequest:
+    """``<signature>/<W>x<H>[/<fit>[/<gravity>]]/<key>``: the signature first (403), then the size's limits (400).
+
+    Either side may be omitted (``640x``: 640 wide, the height follows the aspect ratio), not both; ``cover``
+    needs both. No format suffix: the format is ``signing.format`` (negotiated when "auto", like a preset's).
+    """
+    signature, _, signed = path.partition("/")
+    if not verify(signing.keys, signed, signature):
+        raise Forbidden("bad or missing signature")
+    match = _ADHOC_RE.fullmatch(signed)
+    if match is None:
+        raise BadRequest("expected /_/<signature>/<W>x<H>[/<fit>[/<gravity>]]/<key>")
+    width, height = (int(match[side]) if match[side] else None for side in ("adhoc_w", "adhoc_h"))
+    fit = match["adhoc_fit"] or "contain"
+    for side, value, limit in (("width", width, signing.max_width), ("height", height, signing.max_height)):
+        if value is not None and not 1 <= value <= limit:
+            raise BadRequest(f"ad-hoc {side} must be from 1 to {limit}, got {value}")
+    if width is None and height is None:
+        raise BadRequest("ad-hoc size needs a width, a height or both")
+    if fit == "cover" and (width is None or height is None):
+        raise BadRequest("ad-hoc fit 'cover' needs both width and height")
+    preset = signing.preset(width, height, fit, match["adhoc_gravity"] or "centre")
+    return ImageRequest(preset=preset, key=check_key(match["adhoc_key"], max_key_bytes), format=None)
 
 
 def negotiates(request: ImageRequest) -> bool:

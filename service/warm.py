@@ -21,14 +21,14 @@ import urllib3
 from tqdm import tqdm
 
 from service.errors import PhizerError
-from service.presets import Preset
+from service.presets import ADHOC, Preset
 from service.purge import Rendition, renditions
 
 MAX_RETRY_AFTER = 30.0  # seconds: a longer Retry-After is capped
 
 
 def served_presets(http: urllib3.PoolManager, url: str) -> dict[str, Preset]:
-    """The presets the target serves, from its ``/presets.json``."""
+    """The presets the target serves, from its ``/presets.json`` (not its signed ad-hoc sizes, entry ``_``)."""
     resp = http.request("GET", url + "/presets.json")
     if resp.status != 200:
         raise RuntimeError(f"{url}/presets.json answered {resp.status}")
@@ -36,6 +36,7 @@ def served_presets(http: urllib3.PoolManager, url: str) -> dict[str, Preset]:
     return {
         name: Preset(name=name, **{k: v for k, v in definition.items() if k in fields and k != "name"})
         for name, definition in json.loads(resp.data).items()
+        if name != ADHOC
     }
 
 

@@ -30,7 +30,7 @@ class FakeStore:
             raise NotFound(f"original {key!r} not found")
         return Original.from_bytes(self.files[key])
 
-    def digest(self, key: str) -> str | None:
+    def head(self, key: str) -> None:
         return None  # like a memcached miss: revalidation needs the original
 
 

@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 from pymemcache.client.base import Client
 
-from service.cache import MemcachedOriginals, OriginalStore, SingleFlight, cache_key, chunk_keys, origins_namespace
+from service.cache import (
+    Head,
+    MemcachedOriginals,
+    OriginalStore,
+    SingleFlight,
+    cache_key,
+    chunk_keys,
+    origins_namespace,
+)
 from service.config import Limits, MemcachedOptions
 from service.origins import Original
 from tests import support
@@ -54,7 +62,7 @@ def test_namespaces_keep_deployments_apart(memcached_server: str) -> None:
     assert _cache(memcached_server, one).get("same key.jpg") == first
     assert _cache(memcached_server, two).get("same key.jpg") == second
     third = _cache(memcached_server, origins_namespace(["s3://three/originals"]))
-    assert third.get("same key.jpg") is None and third.digest("same key.jpg") is None
+    assert third.get("same key.jpg") is None and third.head("same key.jpg") is None
     # Keys stay within memcached's rules whatever the object key (max 250 bytes, no spaces).
     longest = chunk_keys(cache_key(one, "x " * 1024), "f" * 32, 100)[-1]
     assert len(longest) <= 250 and " " not in longest
@@ -104,7 +112,7 @@ def test_forged_heads_are_quick_misses(memcached_server: str) -> None:
             raw.set(head_key, head, noreply=False)
             started = time.monotonic()
             assert cache.get("forged.jpg") is None, head
-            assert cache.digest("forged.jpg") is None, head
+            assert cache.head("forged.jpg") is None, head
             assert time.monotonic() - started < 0.5, head
     finally:
         raw.close()
@@ -112,14 +120,30 @@ def test_forged_heads_are_quick_misses(memcached_server: str) -> None:
     assert cache.get("forged.jpg") == Original.from_bytes(b"x")
 
 
-def test_digest_reads_the_head_only(memcached_server: str) -> None:
+def test_head_reads_the_head_only(memcached_server: str) -> None:
     cache = _cache(memcached_server)
     original = Original.from_bytes(os.urandom(1_500_000))
-    assert cache.digest("etag.jpg") is None
+    assert cache.head("etag.jpg") is None
     cache.set("etag.jpg", original)
-    assert cache.digest("etag.jpg") == original.digest
+    assert cache.head("etag.jpg") == Head(original.digest, 1_500_000, 2, fallback=False)
     cache.client.delete(chunk_keys(cache_key(NAMESPACE, "etag.jpg"), original.digest, 2)[0])
-    assert cache.get("etag.jpg") is None and cache.digest("etag.jpg") == original.digest
+    assert cache.get("etag.jpg") is None and cache.head("etag.jpg").digest == original.digest
+
+
+def test_fallback_flag_survives_memcached_and_expires_early(memcached_server: str) -> None:
+    """An original a fallback origin served comes back flagged (its renditions stay short-lived, 304s too), and is
+    kept only fallback_expire seconds, so the first origin is asked again soon; fallback_expire 0 keeps none."""
+    cache = MemcachedOriginals(MemcachedOptions(servers=(memcached_server,)), Limits(), NAMESPACE, fallback_expire=1)
+    fresh = Original.from_bytes(b"fresh upload", fallback=True)
+    cache.set("fallback.jpg", fresh)
+    assert cache.get("fallback.jpg") == fresh and cache.head("fallback.jpg").fallback
+    cache.set("primary.jpg", Original.from_bytes(b"in s3"))
+    assert not cache.get("primary.jpg").fallback and not cache.head("primary.jpg").fallback
+    time.sleep(2.1)  # memcached's clock ticks in whole seconds
+    assert cache.get("fallback.jpg") is None and cache.get("primary.jpg") is not None
+    unkept = MemcachedOriginals(MemcachedOptions(servers=(memcached_server,)), Limits(), NAMESPACE, fallback_expire=0)
+    unkept.set("unkept.jpg", fresh)
+    assert unkept.get("unkept.jpg") is None
 
 
 class CountingOrigin:
@@ -133,13 +157,13 @@ class CountingOrigin:
         return Original.from_bytes(key.encode())
 
 
-def test_store_digest_never_asks_the_origins(memcached_server: str) -> None:
+def test_store_head_never_asks_the_origins(memcached_server: str) -> None:
     origin = CountingOrigin()
 
-    assert OriginalStore(origin, None).digest("store-digest") is None
+    assert OriginalStore(origin, None).head("store-digest") is None
     store = OriginalStore(origin, _cache(memcached_server), background=False)
-    assert store.digest("store-digest") is None and origin.calls == 0
-    assert store.get("store-digest").digest == store.digest("store-digest") and origin.calls == 1
+    assert store.head("store-digest") is None and origin.calls == 0
+    assert store.get("store-digest").digest == store.head("store-digest").digest and origin.calls == 1
 
 
 def test_long_keys_with_spaces_are_safe(memcached_server: str) -> None:

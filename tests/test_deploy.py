@@ -411,7 +411,7 @@ def test_purge_on_a_deployed_host(deployment: Deployment, s3_endpoint: str, corp
     pool = MemcachedOptions(servers=tuple(deployment.memcached[name] for name in HOSTS))
     cache = MemcachedOriginals(pool, Limits(), origins_namespace([f"s3://{BUCKET}"]))
     deadline = time.monotonic() + 10
-    while cache.digest("purge/photo.jpg") is None:  # stored in the background
+    while cache.head("purge/photo.jpg") is None:  # stored in the background
         assert time.monotonic() < deadline, "the original never reached memcached"
         time.sleep(0.1)
     gets = deployment.s3.gets[f"/{BUCKET}/purge/photo.jpg"]

@@ -112,7 +112,7 @@ def wait_in_memcached(stack: Stack, key: str) -> None:
     options = dataclasses.replace(stack.config.memcached, servers=tuple(stack.memcached_servers))
     cache = MemcachedOriginals(options, stack.config.limits, origins_namespace(stack.config.origins))
     deadline = time.monotonic() + 10
-    while cache.digest(key) is None:
+    while cache.head(key) is None:
         assert time.monotonic() < deadline, f"{key} never reached memcached"
         time.sleep(0.05)
 
