@@ -216,7 +216,9 @@ def _preset(name: str, raw: Any) -> Preset:
 def _signing(raw: Any, environ: Mapping[str, str]) -> Signing:
     """Signed ad-hoc sizes; the keys (from ``signing.keys`` or ``$PHIZER_SIGNING_KEYS``) are secrets: messages
     name a bad one by its place, never by its value."""
-    raw = _lifetimes("signing", _check_type("signing", raw or {}, dict))
+    if not isinstance(raw or {}, dict):  # not _check_type: its message would quote the value, maybe a key
+        raise ConfigError("signing: expected a mapping (keys, max_width, max_height, quality, format, ...)")
+    raw = _lifetimes("signing", raw or {})
     where, keys = "signing.keys", raw.pop("keys", [])
     if environ.get("PHIZER_SIGNING_KEYS"):
         where, keys = "PHIZER_SIGNING_KEYS", _split_env(environ["PHIZER_SIGNING_KEYS"])

@@ -1,11 +1,13 @@
 """Presets (the whitelist of renditions) and the URL rules: ``/<preset>/<key>``, format suffixes, format tokens.
 
-Only configured presets are served, so a client cannot ask for arbitrary sizes and fill the caches. The
-URL grammar and every check of a client-supplied key live here, before any I/O happens.
+Only configured presets are served, so a client cannot ask for arbitrary sizes and fill the caches; other sizes
+need a URL signed by the site (``/_/<signature>/<W>x<H>/<key>``, with signing keys configured). The URL grammar
+and every check of a client-supplied key live here, before any I/O happens.
 
 nginx must agree with these rules (its hash key picks the instance, its cache key the stored rendition), so the
 rules that nginx needs are data here, rendered into nginx's config by service/nginx_conf.py, never rewritten by
-hand: ``SUFFIX_PATTERN`` (a regex that Python's ``re`` and nginx's PCRE read alike) and ``NEGOTIATED``.
+hand: ``SUFFIX_PATTERN`` and ``ADHOC_PATTERN`` (regexes that Python's ``re`` and nginx's PCRE read alike) and
+``NEGOTIATED``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ NEGOTIATED = (("webp", "image/webp"),)
 # a fit (then a gravity) token is read as one, so a key starting with such a word needs the fit (and gravity) given.
 ADHOC = "_"
 ADHOC_PATTERN = (
-    rf"(?P<adhoc_w>[0-9]*)x(?P<adhoc_h>[0-9]*)"
+    rf"(?P<adhoc_w>[0-9]{{0,5}})x(?P<adhoc_h>[0-9]{{0,5}})"  # 5 digits: int() never sees thousands
     rf"(?:/(?P<adhoc_fit>{'|'.join(FITS)})(?:/(?P<adhoc_gravity>{'|'.join(GRAVITIES)}))?)?/(?P<adhoc_key>.+)"
 )
 _ADHOC_RE = re.compile(ADHOC_PATTERN)

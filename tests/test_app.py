@@ -9,6 +9,7 @@ import falcon.testing
 import pytest
 
 from service.app import create_app
+from service.cache import Head
 from service.config import load_config
 from service.errors import BadGateway, NotFound
 from service.identity import etag_matches
@@ -115,3 +116,33 @@ def test_gallery_is_off_when_the_config_says_so(corpus: Path) -> None:
     assert off.simulate_get("/").status_code == 404
     on = falcon.testing.TestClient(create_app(load_config(environ={}), store=FakeStore({})))
     assert on.simulate_get("/").status_code == 200 and "<img" in on.simulate_get("/").text  # the samples
+
+
+class FallbackStore(FakeStore):
+    """Every original comes from a fallback origin; memcached knows the head of 'cached.jpg'."""
+
+    def get(self, key: str, timings: object = None, deadline: float | None = None) -> Original:
+        return dataclasses.replace(super().get(key, timings, deadline), fallback=True)
+
+    def head(self, key: str) -> Head | None:
+        if key != "cached.jpg":
+            return None
+        return Head(digest=Original.from_bytes(self.files[key]).digest, size=1, count=1, fallback=True)
+
+
+def test_lifetimes_reach_nginx_on_200s_and_304s_only(client: falcon.testing.TestClient, corpus: Path) -> None:
+    """X-Accel-Expires (nginx's lifetime) is the preset's on a 200 and never on an error; an original from a
+    fallback origin gives the short ones, also on a 304 decided from memcached's head item."""
+    ok = client.simulate_get("/small/storm.jpg")
+    assert (ok.headers["x-accel-expires"], ok.headers["cache-control"]) == ("604800", "public, max-age=31536000")
+    for path in ("/small/missing.jpg", "/small/down/x.jpg", "/nope/storm.jpg"):
+        assert "x-accel-expires" not in client.simulate_get(path).headers, path
+    photo = (corpus / "16_storm_720_30k.jpg").read_bytes()
+    fallback = falcon.testing.TestClient(
+        create_app(load_config(environ={}), store=FallbackStore({"storm.jpg": photo, "cached.jpg": photo}))
+    )
+    fresh = fallback.simulate_get("/small/storm.jpg")
+    assert (fresh.headers["x-accel-expires"], fresh.headers["cache-control"]) == ("60", "public, max-age=60")
+    etag = fallback.simulate_get("/small/cached.jpg").headers["etag"]
+    revalidated = fallback.simulate_get("/small/cached.jpg", headers={"If-None-Match": etag})
+    assert revalidated.status_code == 304 and revalidated.headers["x-accel-expires"] == "60"

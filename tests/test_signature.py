@@ -87,7 +87,7 @@ def test_missing_or_bad_signatures_are_403(path: str) -> None:
     [("2001x10/cat.jpg", "ad-hoc width must be from 1 to 2000"), ("10x1001/cat.jpg", "height must be from 1 to 1000"),
      ("0x10/cat.jpg", "width must be from 1"), ("x/cat.jpg", "needs a width, a height or both"),
      ("10x/cover/cat.jpg", "'cover' needs both"), ("10by10/cat.jpg", "expected /_/<signature>/<W>x<H>"),
-     ("10x10/cat/../../etc/passwd", "'.' or '..' segments")],
+     ("10x10/cat/../../etc/passwd", "'.' or '..' segments"), ("9" * 5000 + "x10/cat.jpg", "expected /_/")],
 )  # fmt: skip
 def test_signed_but_bad_sizes_and_keys_are_400(rest: str, message: str) -> None:
     with pytest.raises(BadRequest, match=message):
@@ -127,8 +127,15 @@ def test_signing_config_keys_from_file_or_environment() -> None:
 def test_signing_mistakes_name_the_key_never_its_value(signing: dict, environ: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
         parse_config({**BASE, "signing": signing}, environ)
+    assert "signing" in str(caught.value) or "PHIZER_SIGNING_KEYS" in str(caught.value)
     for secret in ("short", NEW, "tiny-secret", "12345678901234567890"):
         assert secret not in str(caught.value)
+
+
+def test_a_signing_section_that_is_a_bare_string_is_not_echoed() -> None:
+    with pytest.raises(ConfigError, match="signing: expected a mapping") as caught:
+        parse_config({**BASE, "signing": NEW}, {})
+    assert NEW not in str(caught.value)
 
 
 def test_preset_named_like_the_adhoc_prefix_is_refused() -> None:
