@@ -28,14 +28,14 @@ from typing import Any, Protocol
 from service.budget import before_deadline
 from service.config import Limits, MemcachedOptions
 from service.metrics import ORIGINALS, Timings
-from service.origins import DIGEST_CHARS, Original, content_digest
+from service.origins import DIGEST_CHARS, Focus, Original, content_digest, focus_text, parse_focus, version
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "phz2:"  # bump when the stored layout changes
+KEY_PREFIX = "phz3:"  # bump when the stored layout changes (3: the focal point; a phz2 head without one is not "none")
 NAMESPACE = re.compile(r"[0-9A-Za-z_-]{1,64}")
-# digest:size:count, as ``set`` writes it; 15 digits bound the numbers before int() sees them.
-HEAD_FORMAT = re.compile(rb"([0-9a-f]{%d}):([0-9]{1,15}):([0-9]{1,15})" % DIGEST_CHARS)
+# digest:size:count[:focus], as ``set`` writes it; 15 digits bound the numbers before int() sees them.
+HEAD_FORMAT = re.compile(rb"([0-9a-f]{%d}):([0-9]{1,15}):([0-9]{1,15})(?::([0-9.]{1,20},[0-9.]{1,20}))?" % DIGEST_CHARS)
 
 
 class OriginalFetcher(Protocol):
@@ -64,11 +64,13 @@ def chunk_keys(head_key: str, digest: str, count: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Head:
-    """What a head item says of an original: its digest, its size in bytes and the number of chunks holding it."""
+    """What a head item says of an original: its digest, its size in bytes, the number of chunks holding it, and
+    the focal point its origin gave (it travels with the original: a render from memcached keeps it)."""
 
     digest: str
     size: int
     count: int
+    focus: Focus | None = None
 
 
 class MemcachedOriginals:
@@ -145,17 +147,19 @@ class MemcachedOriginals:
         if content_digest(data) != head.digest:
             log.warning("memcached original %r does not match its digest: a miss", key)
             return None
-        return Original(data=data, digest=head.digest)
+        return Original(data=data, digest=head.digest, focus=head.focus)
 
     def digest(self, key: str) -> str | None:
-        """The cached original's digest, from its head item alone: enough to answer If-None-Match with a 304
-        without moving megabytes. None on a miss."""
+        """The cached original's version (``Original.version``: its digest, with its focal point if any), from its
+        head item alone: enough to answer If-None-Match with a 304 without moving megabytes. None on a miss."""
         try:
             head = self._head(cache_key(self.namespace, key))
         except Exception as exc:  # memcached must never fail a request
             log.warning("memcached get failed: %s", exc)
             return None
-        return head.digest if head is not None else None
+        if head is None:
+            return None
+        return version(head.digest, head.focus)
 
     def delete(self, key: str) -> bool:
         """Remove an original (``phizer purge``): its head first, so readers miss from then on, then the chunks
@@ -181,7 +185,8 @@ class MemcachedOriginals:
         if match is not None:
             size, count = int(match[2]), int(match[3])
             if size <= self.max_original_bytes and count == -(-size // self.options.chunk_bytes):
-                return Head(digest=match[1].decode("ascii"), size=size, count=count)
+                focus = parse_focus(match[4].decode("ascii"), head_key) if match[4] else None
+                return Head(digest=match[1].decode("ascii"), size=size, count=count, focus=focus)
         log.warning("memcached head %s is malformed: a miss", head_key)
         return None
 
@@ -191,7 +196,8 @@ class MemcachedOriginals:
         data = memoryview(original.data)
         parts = [bytes(data[offset : offset + step]) for offset in range(0, len(data), step)]
         items = dict(zip(chunk_keys(head_key, original.digest, len(parts)), parts, strict=True))
-        head = f"{original.digest}:{len(data)}:{len(parts)}".encode("ascii")
+        focus = f":{focus_text(original.focus)}" if original.focus is not None else ""
+        head = f"{original.digest}:{len(data)}:{len(parts)}{focus}".encode("ascii")
         try:
             # Chunks first, head last: a reader that finds the head finds the chunks.
             self.client.set_many(items, expire=self.options.expire, noreply=False)
@@ -276,8 +282,8 @@ class OriginalStore:
         return problems + (probe() if probe is not None else [])
 
     def digest(self, key: str) -> str | None:
-        """The original's digest if memcached has it, else None (also without a cache): the origins are never
-        asked, so a conditional request costs one small memcached read at most."""
+        """The original's version (digest and focal point) if memcached has it, else None (also without a cache):
+        the origins are never asked, so a conditional request costs one small memcached read at most."""
         return self.cache.digest(key) if self.cache is not None else None
 
     def delete(self, key: str) -> bool:

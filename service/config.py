@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import ImageColor
 
-from service.presets import FITS, FORMATS, Preset
+from service.presets import FITS, FORMATS, GRAVITIES, Preset
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -144,6 +145,16 @@ def _build(cls: type, path: str, raw: Any, **fixed: Any) -> Any:
     return cls(**values)
 
 
+def _check_colour(path: str, value: Any) -> str:
+    """A colour Pillow reads (``#rrggbb``, ``#rgb``, ``rgb(...)``, a CSS name): checked here, not at render time."""
+    _check_type(path, value, str)
+    try:
+        ImageColor.getrgb(value)
+    except ValueError:
+        raise ConfigError(f"{path}: not a colour (e.g. '#ffffff', 'white'), got {value!r}") from None
+    return value
+
+
 def _preset(name: str, raw: Any) -> Preset:
     path = f"presets.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
@@ -158,8 +169,14 @@ def _preset(name: str, raw: Any) -> Preset:
         raise ConfigError(f"{path}: needs a width, a height or both")
     if preset.fit not in FITS:
         raise ConfigError(f"{path}.fit: must be one of {', '.join(FITS)}, got {preset.fit!r}")
-    if preset.fit == "cover" and (preset.width is None or preset.height is None):
-        raise ConfigError(f"{path}.fit: 'cover' needs both width and height")
+    if preset.fit in ("cover", "pad") and (preset.width is None or preset.height is None):
+        raise ConfigError(f"{path}.fit: {preset.fit!r} needs both width and height")
+    if preset.gravity == "center":  # the American spelling, as thumbor and imgproxy accept it
+        preset = dataclasses.replace(preset, gravity="centre")
+    if preset.gravity not in GRAVITIES:
+        raise ConfigError(f"{path}.gravity: must be one of {', '.join(GRAVITIES)}, got {preset.gravity!r}")
+    if preset.background is not None:
+        _check_colour(f"{path}.background", preset.background)
     if preset.format not in FORMATS:
         raise ConfigError(f"{path}.format: must be one of {', '.join(FORMATS)}, got {preset.format!r}")
     if not 1 <= preset.quality <= 100:
@@ -227,8 +244,13 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
         origins=tuple(origins),
         memcached=memcached,
         limits=_build(Limits, "limits", raw.get("limits")),
-        encoding=_build(Encoding, "encoding", raw.get("encoding")),
+        encoding=_check_encoding(_build(Encoding, "encoding", raw.get("encoding"))),
     )
+
+
+def _check_encoding(encoding: Encoding) -> Encoding:
+    _check_colour("encoding.background", encoding.background)
+    return encoding
 
 
 def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:

@@ -9,7 +9,8 @@ revalidate with it) and nginx's cache key (else nginx keeps serving, or 304-reva
   version and the versions of Pillow and the codecs it links. nginx gets it as a template variable
   (service/nginx_conf.py) and puts it in its cache key; after a change the old entries are never looked up
   again and age out (``cache_inactive``).
-- ``rendition_etag``: the fingerprint with the original's digest, the URL-forced format and the format token.
+- ``rendition_etag``: the fingerprint with the original's version (its digest, and the focal point its origin
+  gave, which moves cover crops: origins.Original.version), the URL-forced format and the format token.
 
 The ETag is weak: a kept intermediate may give a preset a slightly different (equally good) resize than a
 fresh decode would, so equal ETags mean equivalent renditions, not always equal bytes.
@@ -62,9 +63,9 @@ def preset_fingerprints(config: Config) -> dict[str, str]:
     }
 
 
-def rendition_etag(original_digest: str, fingerprint: str, forced_format: str | None, token: str) -> str:
-    """The (weak) ETag of one rendition."""
-    return 'W/"' + _digest([original_digest, fingerprint, forced_format or "", token], 32) + '"'
+def rendition_etag(original_version: str, fingerprint: str, forced_format: str | None, token: str) -> str:
+    """The (weak) ETag of one rendition; ``original_version`` is ``Original.version``."""
+    return 'W/"' + _digest([original_version, fingerprint, forced_format or "", token], 32) + '"'
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:

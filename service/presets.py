@@ -17,7 +17,10 @@ from typing import Any
 
 from service.errors import BadRequest, NotFound
 
-FITS = ("contain", "cover")
+FITS = ("contain", "cover", "pad")
+# Where a cover crop keeps its window (and a pad places the image), in the upright image's terms; "smart" picks the
+# most salient window (service/saliency.py). A focal point given by the origin overrides it.
+GRAVITIES = ("centre", "north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest", "smart")
 # "auto" negotiates from Accept (WebP when the browser lists it); "source" keeps the original's format.
 FORMATS = ("auto", "source", "jpeg", "png", "webp", "gif")
 # URL suffixes that force an output format (see parse_path).
@@ -40,11 +43,15 @@ class Preset:
     name: str
     width: int | None = None  # None: free (derived from height and the aspect ratio)
     height: int | None = None
-    fit: str = "contain"  # contain: largest size inside the box; cover: exactly the box, centre-cropped
+    # contain: largest size inside the box; cover: exactly the box, cropped (see gravity); pad: exactly the box,
+    # the image contained in it and the rest filled with ``background``
+    fit: str = "contain"
     upscale: bool = False  # never enlarge beyond the original unless asked
     quality: int = 82
     quality_by_format: Mapping[str, int] = dataclasses.field(default_factory=dict)
     format: str = "auto"
+    gravity: str = "centre"  # one of GRAVITIES ("center" is read as "centre" by config.py)
+    background: str | None = None  # pad and alpha-flattening colour; None: the global encoding.background
 
     def quality_for(self, fmt: str) -> int:
         """The encoder quality for output format ``fmt`` (a per-format override, else the preset's)."""
@@ -59,6 +66,8 @@ class Preset:
             "upscale": self.upscale,
             "quality": self.quality,
             "format": self.format,
+            "gravity": self.gravity,
+            "background": self.background,
         }
 
 

@@ -1,0 +1,87 @@
+"""Smart crops: the window of a cover crop that keeps the most interesting part of the image.
+
+smartcrop.js's (and thumbor's) idea, reduced to what a thumbnail service can afford per render: on a small copy of
+the decoded intermediate (about SAMPLE_SIDE pixels on its long side, so a few milliseconds whatever the original),
+score every pixel by edge energy, saturation and skin tone, then slide the crop window along the one axis being
+cropped, keep the position with the highest total and centre the crop on that window's centre of mass. Ties (a
+flat image) go to the most central position, so "smart" never does worse than "centre" on an image with nothing
+to find. Pure Pillow and deterministic: the same
+intermediate always gives the same point.
+
+Everything here is in the raw (stored, unoriented) image's terms, like the intermediate and the crop box: no EXIF
+orientation mapping is needed.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from PIL import Image, ImageChops, ImageFilter, ImageOps
+
+from service.geometry import HALF, Point
+from service.intermediates import Intermediate
+
+SAMPLE_SIDE = 160  # the small copy's long side, at least: position precision is 1/SAMPLE_SIDE of the image
+# Skin tones in YCbCr (Chai and Ngan's classic ranges), as 0/255 masks.
+_SKIN_CB = [255 if 77 <= v <= 127 else 0 for v in range(256)]
+_SKIN_CR = [255 if 133 <= v <= 173 else 0 for v in range(256)]
+
+
+def sample(source: Intermediate) -> Image.Image:
+    """A small RGB copy of the intermediate (reduce() hands out a new image: the kept one is never touched)."""
+    factor = max(1, max(source.size) // SAMPLE_SIDE)
+    return source.reduce(factor).convert("RGB")
+
+
+def saliency(im: Image.Image) -> Image.Image:
+    """Per pixel interest (mode L): half edge energy, a quarter saturation (of bright enough pixels), a quarter skin.
+
+    Edges find detail against plain backgrounds; saturation finds colourful subjects on grey or white; skin finds
+    faces and people, which edges alone rank below a patterned wall.
+    """
+    edges = ImageOps.expand(ImageOps.crop(im.convert("L").filter(ImageFilter.FIND_EDGES), 1), 1, 0)  # no borders
+    _, sat, val = im.convert("HSV").split()
+    _, cb, cr = im.convert("YCbCr").split()
+    skin = ImageChops.multiply(cb.point(_SKIN_CB), cr.point(_SKIN_CR))
+    return ImageChops.add(edges, ImageChops.add(ImageChops.multiply(sat, val), skin, scale=2), scale=2)
+
+
+def best_start(profile: list[float], length: int) -> int:
+    """The start of the ``length``-long run of ``profile`` with the highest sum; ties go to the most central."""
+    sums = [0.0]
+    for value in profile:
+        sums.append(sums[-1] + value)
+    slack = len(profile) - length
+    return max(range(slack + 1), key=lambda start: (sums[start + length] - sums[start], -abs(2 * start - slack)))
+
+
+def salient_point(source: Intermediate, window: tuple[Fraction, Fraction]) -> Point | None:
+    """The centre of the most salient crop window, as fractions of the raw image; None when nothing is cropped.
+
+    ``window`` is the crop's size as fractions of the raw image's width and height: one of them is 1 (a cover crop
+    keeps the whole of one axis), so the search is one-dimensional along the other.
+    """
+    if window[0] >= 1 and window[1] >= 1:
+        return None
+    sal = saliency(sample(source)).convert("F")
+    horizontal = window[0] < 1
+    size = sal.width if horizontal else sal.height
+    # A BOX resize to one row (or column) averages each column (or row) exactly, in C.
+    line = sal.resize((sal.width, 1) if horizontal else (1, sal.height), Image.Resampling.BOX)
+    length = max(1, min(size, round((window[0] if horizontal else window[1]) * size)))
+    profile = list(line.get_flattened_data())
+    start = best_start(profile, length)
+    centre = Fraction(centroid(profile[start : start + length]) + start) / size
+    return (centre, HALF) if horizontal else (HALF, centre)
+
+
+def centroid(profile: list[float]) -> Fraction:
+    """The centre of mass of ``profile`` (pixel i spans i..i+1), or its middle when it is all zero.
+
+    The crop is centred on the best window's centre of mass, not on the window itself: a subject that several
+    windows hold whole ends up in the middle of the crop, not against its edge.
+    """
+    total = sum(profile)
+    if total <= 0:
+        return Fraction(len(profile), 2)
+    return Fraction(sum((i + 0.5) * value for i, value in enumerate(profile)) / total)
