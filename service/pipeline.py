@@ -437,7 +437,7 @@ class Pipeline:
         with ctx.timings.stage("resize"):
             smart_crop(ctx, intermediate)
             im = to_srgb(orient(crop_resize(intermediate, ctx.layout), ctx.orientation), ctx.icc)
-            return pad(im, ctx.layout, ctx.background, has_transparency(im))
+            return pad(im, ctx.layout, ctx.background, has_transparency(im)) if ctx.preset.fit == "pad" else im
 
     def intermediate(self, ctx: RenderContext, digest: str | None) -> Intermediate:
         """The decoded original at the size this preset needs (or a kept, bigger one).
@@ -471,8 +471,10 @@ class Pipeline:
                 rgba = frame.convert("RGBA")  # loads the frame: only then does WebP fill in its duration
                 durations.append(min(max(round(frame.info.get("duration", 100)), 0), MAX_FRAME_MS))
                 still = to_srgb(orient(crop_resize(Intermediate(rgba, 1.0), ctx.layout), ctx.orientation), ctx.icc)
-                transparent = transparent or (not frames and has_transparency(still))
-                frames.append(pad(still, ctx.layout, ctx.background, transparent))
+                if ctx.preset.fit == "pad":
+                    transparent = transparent or (not frames and has_transparency(still))
+                    still = pad(still, ctx.layout, ctx.background, transparent)
+                frames.append(still)
         with ctx.timings.stage("encode"):
             loop = min(int(ctx.source.info.get("loop", 0)), MAX_LOOP)
             return encode(ctx, frames, self.encoding, duration=durations, loop=loop)
