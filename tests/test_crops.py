@@ -17,15 +17,18 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 from PIL import ExifTags, Image, ImageChops, ImageDraw
 
 from service.cache import MemcachedOriginals, origins_namespace
 from service.config import ConfigError, Limits, MemcachedOptions, parse_config
 from service.geometry import crop_box
 from service.intermediates import Intermediate
+from service.launcher import Stack
 from service.origins import Original
 from service.pipeline import Pipeline
 from service.presets import GRAVITIES, Preset
+from service.procs import free_port
 from service.saliency import salient_point
 from tests import support
 from tests.imaging import DEFAULT_CONFIG, decode, render
@@ -321,3 +324,48 @@ def test_focus_from_s3_metadata_end_to_end_and_through_memcached(
         assert revalidated.status_code == 304
     finally:
         proxy.close()
+
+
+def test_through_nginx_focus_pad_and_smart_and_a_focus_change_needs_a_purge(s3_endpoint: str, tmp_path: Path) -> None:
+    """The real stack (nginx, two instances, memcached, moto): every new preset kind serves its exact box; nginx
+    caches by URL, so a changed focus shows only after ``phizer purge``'s admin call, and then with a new ETag."""
+    client = support.s3_client(s3_endpoint)
+    client.create_bucket(Bucket="crops-nginx")
+    data = stored(picture(), 8)
+    client.put_object(Bucket="crops-nginx", Key="k.jpg", Body=data, Metadata={"focus": "0.15,0.85"})
+    presets = {
+        "square": {"width": 100, "height": 100, "fit": "cover"},
+        "smart": {"width": 100, "height": 25, "fit": "cover", "gravity": "smart"},
+        "boxed": {"width": 101, "height": 77, "fit": "pad", "background": "#0000ff", "format": "png"},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"origins": ["s3://crops-nginx"], "presets": presets}))
+    env = {**support.AWS_ENV, "PHIZER_CONFIG": str(config), "AWS_ENDPOINT_URL": s3_endpoint}
+
+    def get(path: str) -> requests.Response:
+        resp = requests.get(stack.url + path, headers={"Accept": "image/webp", "Connection": "close"}, timeout=30)
+        assert resp.status_code == 200, (path, resp.status_code, resp.text)
+        return resp
+
+    with Stack(tmp_path / "state", port=free_port(), instances=2, env=env) as stack:
+        first = get("/square/k.jpg")
+        assert first.headers["X-Cache-Status"] == "MISS" and first.headers["Content-Type"] == "image/webp"
+        assert near(subject_centre(decode(first.content)), expected_centre((100, 100), (0.15, 0.85)), 3)
+        smart = decode(get("/smart/k.jpg").content)  # the focus wins over smart too; both keep the subject
+        assert smart.size == (100, 25) and subject_centre(smart) is not None
+        boxed = decode(get("/boxed/k.jpg").content).convert("RGB")
+        assert boxed.size == (101, 77) and boxed.getpixel((50, 0)) == (0, 0, 255)
+        client.copy_object(
+            Bucket="crops-nginx",
+            Key="k.jpg",
+            CopySource={"Bucket": "crops-nginx", "Key": "k.jpg"},
+            Metadata={"focus": "0.9,0.2"},
+            MetadataDirective="REPLACE",
+        )
+        stale = get("/square/k.jpg")
+        assert stale.headers["X-Cache-Status"] == "HIT" and stale.content == first.content  # cached by URL
+        purged = requests.post(stack.url + "/_phizer/purge", json={"keys": ["k.jpg"]}, timeout=30)
+        assert purged.status_code == 200 and purged.json()["purged"]["k.jpg"]["renditions"] >= 3
+        fresh = get("/square/k.jpg")
+        assert fresh.headers["X-Cache-Status"] == "MISS" and fresh.headers["ETag"] != first.headers["ETag"]
+        assert near(subject_centre(decode(fresh.content)), expected_centre((100, 100), (0.9, 0.2)))  # lost: None
