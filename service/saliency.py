@@ -3,10 +3,10 @@
 smartcrop.js's (and thumbor's) idea, reduced to what a thumbnail service can afford per render: on a small copy of
 the decoded intermediate (about SAMPLE_SIDE pixels on its long side, so a few milliseconds whatever the original),
 score every pixel by edge energy, saturation and skin tone, then slide the crop window along the one axis being
-cropped, keep the position with the highest total and centre the crop on that window's centre of mass. Ties (a
-flat image) go to the most central position, so "smart" never does worse than "centre" on an image with nothing
-to find. Pure Pillow and deterministic: the same
-intermediate always gives the same point.
+cropped and keep the position with the highest score, each pixel weighed by how central it is in the window (so
+a subject ends up in the middle of the crop, not cut at its edge). Ties (a flat image) go to the most central
+position, so "smart" never does worse than "centre" on an image with nothing to find. Pure Pillow and
+deterministic: the same intermediate always gives the same point.
 
 Everything here is in the raw (stored, unoriented) image's terms, like the intermediate and the crop box: no EXIF
 orientation mapping is needed.
@@ -46,13 +46,28 @@ def saliency(im: Image.Image) -> Image.Image:
     return ImageChops.add(edges, ImageChops.add(ImageChops.multiply(sat, val), skin, scale=2), scale=2)
 
 
-def best_start(profile: list[float], length: int) -> int:
-    """The start of the ``length``-long run of ``profile`` with the highest sum; ties go to the most central."""
-    sums = [0.0]
-    for value in profile:
+def best_centre(profile: list[float], length: int) -> Fraction:
+    """The centre of the ``length``-long window of ``profile`` that scores highest (pixel i spans i..i+1).
+
+    A window's score weighs each pixel by a tent, 1 at the window's centre and 0 at its edges, so the best window
+    centres the interesting part rather than just including it, and a subject is not cut at the crop's edge.
+    With prefix sums of p and of p*x, each window costs O(1). Ties (a flat profile) go to the most central.
+    """
+    sums, moments = [0.0], [0.0]
+    for i, value in enumerate(profile):
         sums.append(sums[-1] + value)
+        moments.append(moments[-1] + value * (i + 0.5))
+    half = length / 2
     slack = len(profile) - length
-    return max(range(slack + 1), key=lambda start: (sums[start + length] - sums[start], -abs(2 * start - slack)))
+
+    def score(start: int) -> float:
+        centre, middle, end = start + half, start + length // 2, start + length
+        left = centre * (sums[middle] - sums[start]) - (moments[middle] - moments[start])
+        right = (moments[end] - moments[middle]) - centre * (sums[end] - sums[middle])
+        return (sums[end] - sums[start]) - (left + right) / half
+
+    start = max(range(slack + 1), key=lambda s: (round(score(s), 9), -abs(2 * s - slack)))
+    return Fraction(2 * start + length, 2)
 
 
 def salient_point(source: Intermediate, window: tuple[Fraction, Fraction]) -> Point | None:
@@ -69,19 +84,5 @@ def salient_point(source: Intermediate, window: tuple[Fraction, Fraction]) -> Po
     # A BOX resize to one row (or column) averages each column (or row) exactly, in C.
     line = sal.resize((sal.width, 1) if horizontal else (1, sal.height), Image.Resampling.BOX)
     length = max(1, min(size, round((window[0] if horizontal else window[1]) * size)))
-    profile = list(line.get_flattened_data())
-    start = best_start(profile, length)
-    centre = Fraction(centroid(profile[start : start + length]) + start) / size
+    centre = best_centre(list(line.get_flattened_data()), length) / size
     return (centre, HALF) if horizontal else (HALF, centre)
-
-
-def centroid(profile: list[float]) -> Fraction:
-    """The centre of mass of ``profile`` (pixel i spans i..i+1), or its middle when it is all zero.
-
-    The crop is centred on the best window's centre of mass, not on the window itself: a subject that several
-    windows hold whole ends up in the middle of the crop, not against its edge.
-    """
-    total = sum(profile)
-    if total <= 0:
-        return Fraction(len(profile), 2)
-    return Fraction(sum((i + 0.5) * value for i, value in enumerate(profile)) / total)

@@ -171,8 +171,11 @@ def test_smart_reads_a_copy_and_leaves_the_intermediate_alone() -> None:
     im = picture()
     kept = Intermediate(im, 1.0)
     before = im.tobytes()
-    point = salient_point(kept, (Fraction(1, 2), Fraction(1)))
-    assert point is not None and abs(float(point[0]) - SUBJECT[0] / W) < 0.02
+    assert salient_point(kept, (Fraction(1, 2), Fraction(1))) == (Fraction(1, 4), Fraction(1, 2))  # at the edge
+    inner = Image.new("RGB", (W, H), GREY)
+    ImageDraw.Draw(inner).ellipse((125, 85, 155, 115), fill="red")  # centred at 35 %: a window can centre it
+    point = salient_point(Intermediate(inner, 1.0), (Fraction(1, 2), Fraction(1)))
+    assert point is not None and abs(point[0] - Fraction(35, 100)) <= Fraction(1, 100)
     assert im.tobytes() == before and kept.region(im.size, (0, 0, W, H)).tobytes() == before
     assert salient_point(kept, (Fraction(1), Fraction(1))) is None  # nothing is cropped: nothing to choose
 
