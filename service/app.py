@@ -83,17 +83,17 @@ class ImageResource:
             resp.set_header("Vary", "Accept")
         if_none_match = req.get_header("If-None-Match")
         if if_none_match:
-            # Revalidation (nginx's, a browser's) is decided from the digest in memcached's head item when it
-            # is there: no origin fetch, not even a read of the original's chunks.
+            # Revalidation (nginx's, a browser's) is decided from the version (digest and focal point) in
+            # memcached's head item when it is there: no origin fetch, not even a read of the original's chunks.
             head = self.store.head(request.key)
             if head is not None:
                 self._lifetime(resp, preset, head.fallback)
-                if self._not_modified(resp, if_none_match, head.digest, fingerprint, request, token):
+                if self._not_modified(resp, if_none_match, head.version, fingerprint, request, token):
                     return
         with timings.stage("original"):
             original = self.store.get(request.key, timings, deadline)
         self._lifetime(resp, preset, original.fallback)
-        if self._not_modified(resp, if_none_match, original.digest, fingerprint, request, token):
+        if self._not_modified(resp, if_none_match, original.version, fingerprint, request, token):
             return
         rendition = self.renderer.render(
             lambda: self.pipeline.render(
@@ -103,6 +103,7 @@ class ImageResource:
                 negotiated=token,
                 forced_format=request.format,
                 timings=timings,
+                focus=original.focus,
             ),
             deadline,
             timings,
@@ -129,13 +130,13 @@ class ImageResource:
     def _not_modified(
         resp: falcon.Response,
         if_none_match: str | None,
-        digest: str,
+        version: str,
         fingerprint: str,
         request: ImageRequest,
         token: str,
     ) -> bool:
         """Set the ETag; answer 304 (and say so) when the client already holds this rendition."""
-        etag = rendition_etag(digest, fingerprint, request.format, token)
+        etag = rendition_etag(version, fingerprint, request.format, token)
         resp.set_header("ETag", etag)
         if not etag_matches(if_none_match, etag):
             return False

@@ -28,15 +28,17 @@ from typing import Any, Protocol
 from service.budget import before_deadline
 from service.config import Limits, MemcachedOptions
 from service.metrics import ORIGINALS, Timings
-from service.origins import DIGEST_CHARS, Original, content_digest
+from service.origins import DIGEST_CHARS, Focus, Original, content_digest, focus_text, parse_focus, version
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "phz2:"  # bump when the stored layout changes
+KEY_PREFIX = "phz3:"  # bump when the stored layout changes (3: the focal point; a phz2 head without one is not "none")
 NAMESPACE = re.compile(r"[0-9A-Za-z_-]{1,64}")
-# digest:size:count[:f], as ``set`` writes it (":f": a fallback origin served it); 15 digits bound the numbers
+# digest:size:count[:focus][:f], as ``set`` writes it (":f": a fallback origin served it); 15 digits bound the numbers
 # before int() sees them.
-HEAD_FORMAT = re.compile(rb"([0-9a-f]{%d}):([0-9]{1,15}):([0-9]{1,15})(:f)?" % DIGEST_CHARS)
+HEAD_FORMAT = re.compile(
+    rb"([0-9a-f]{%d}):([0-9]{1,15}):([0-9]{1,15})(?::([0-9.]{1,20},[0-9.]{1,20}))?(:f)?" % DIGEST_CHARS
+)
 
 
 class OriginalFetcher(Protocol):
@@ -66,12 +68,19 @@ def chunk_keys(head_key: str, digest: str, count: int) -> list[str]:
 @dataclass(frozen=True)
 class Head:
     """What a head item says of an original: its digest, its size in bytes, the number of chunks holding it, and
-    whether a fallback origin served it (its renditions live shortly, 304s included)."""
+    the focal point its origin gave (it travels with the original: a render from memcached keeps it) and whether a
+    fallback origin served it (its renditions live shortly, 304s included)."""
 
     digest: str
     size: int
     count: int
+    focus: Focus | None = None
     fallback: bool = False
+
+    @property
+    def version(self) -> str:
+        """The cached original's ``Original.version`` (digest and focal point): what its ETags are built from."""
+        return version(self.digest, self.focus)
 
 
 class MemcachedOriginals:
@@ -151,10 +160,10 @@ class MemcachedOriginals:
         if content_digest(data) != head.digest:
             log.warning("memcached original %r does not match its digest: a miss", key)
             return None
-        return Original(data=data, digest=head.digest, fallback=head.fallback)
+        return Original(data=data, digest=head.digest, focus=head.focus, fallback=head.fallback)
 
     def head(self, key: str) -> Head | None:
-        """The cached original's head item alone (its digest, whether a fallback served it): enough to answer
+        """The cached original's head item alone (its version, whether a fallback served it): enough to answer
         If-None-Match with a 304 without moving megabytes. None on a miss."""
         try:
             return self._head(cache_key(self.namespace, key))
@@ -186,7 +195,10 @@ class MemcachedOriginals:
         if match is not None:
             size, count = int(match[2]), int(match[3])
             if size <= self.max_original_bytes and count == -(-size // self.options.chunk_bytes):
-                return Head(digest=match[1].decode("ascii"), size=size, count=count, fallback=bool(match[4]))
+                focus = parse_focus(match[4].decode("ascii"), head_key) if match[4] else None
+                return Head(
+                    digest=match[1].decode("ascii"), size=size, count=count, focus=focus, fallback=bool(match[5])
+                )
         log.warning("memcached head %s is malformed: a miss", head_key)
         return None
 
@@ -199,7 +211,9 @@ class MemcachedOriginals:
         data = memoryview(original.data)
         parts = [bytes(data[offset : offset + step]) for offset in range(0, len(data), step)]
         items = dict(zip(chunk_keys(head_key, original.digest, len(parts)), parts, strict=True))
-        head = f"{original.digest}:{len(data)}:{len(parts)}{':f' if original.fallback else ''}".encode("ascii")
+        focus = f":{focus_text(original.focus)}" if original.focus is not None else ""
+        fallback = ":f" if original.fallback else ""
+        head = f"{original.digest}:{len(data)}:{len(parts)}{focus}{fallback}".encode("ascii")
         try:
             # Chunks first, head last: a reader that finds the head finds the chunks.
             self.client.set_many(items, expire=expire, noreply=False)

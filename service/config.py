@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import ImageColor
 
 from service.presets import ADHOC, FITS, FORMATS, GRAVITIES, Preset, Signing
 
@@ -186,6 +187,16 @@ def _check_quality_format(path: str, quality: int, fmt: str) -> None:
         raise ConfigError(f"{path}.quality: must be from 1 to 100, got {quality!r}")
 
 
+def _check_colour(path: str, value: Any) -> str:
+    """A colour Pillow reads (``#rrggbb``, ``#rgb``, ``rgb(...)``, a CSS name): checked here, not at render time."""
+    _check_type(path, value, str)
+    try:
+        ImageColor.getrgb(value)
+    except ValueError:
+        raise ConfigError(f"{path}: not a colour (e.g. '#ffffff', 'white'), got {value!r}") from None
+    return value
+
+
 def _preset(name: str, raw: Any) -> Preset:
     path = f"presets.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
@@ -202,10 +213,14 @@ def _preset(name: str, raw: Any) -> Preset:
         raise ConfigError(f"{path}: needs a width, a height or both")
     if preset.fit not in FITS:
         raise ConfigError(f"{path}.fit: must be one of {', '.join(FITS)}, got {preset.fit!r}")
-    if preset.fit == "cover" and (preset.width is None or preset.height is None):
-        raise ConfigError(f"{path}.fit: 'cover' needs both width and height")
+    if preset.fit in ("cover", "pad") and (preset.width is None or preset.height is None):
+        raise ConfigError(f"{path}.fit: {preset.fit!r} needs both width and height")
+    if preset.gravity == "center":  # the American spelling, as thumbor and imgproxy accept it
+        preset = dataclasses.replace(preset, gravity="centre")
     if preset.gravity not in GRAVITIES:
         raise ConfigError(f"{path}.gravity: must be one of {', '.join(GRAVITIES)}, got {preset.gravity!r}")
+    if preset.background is not None:
+        _check_colour(f"{path}.background", preset.background)
     _check_quality_format(path, preset.quality, preset.format)
     for fmt, quality in preset.quality_by_format.items():
         if fmt not in FORMATS or isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
@@ -299,7 +314,7 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
         origins=tuple(origins),
         memcached=memcached,
         limits=_build(Limits, "limits", raw.get("limits")),
-        encoding=_build(Encoding, "encoding", raw.get("encoding")),
+        encoding=_check_encoding(_build(Encoding, "encoding", raw.get("encoding"))),
         signing=_signing(raw.get("signing"), environ),
     )
     # Presets (and ad-hoc sizes) without lifetimes of their own get the config's: decided once, here.
@@ -314,6 +329,11 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
         presets={name: dataclasses.replace(preset, **lifetimes(preset)) for name, preset in presets.items()},
         signing=dataclasses.replace(config.signing, **lifetimes(config.signing)),
     )
+
+
+def _check_encoding(encoding: Encoding) -> Encoding:
+    _check_colour("encoding.background", encoding.background)
+    return encoding
 
 
 def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:

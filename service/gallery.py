@@ -17,7 +17,7 @@ import falcon
 
 from service.config import Config
 from service.origins import list_keys
-from service.presets import SUFFIX_FORMATS
+from service.presets import SUFFIX_FORMATS, Preset
 
 PAGE_SIZE = 12
 
@@ -25,7 +25,7 @@ SCRIPT = """
 const imgs = [...document.querySelectorAll("img")];
 let done = 0;
 function finished(img) {
-  const cap = img.closest("figure").querySelector("figcaption");
+  const cap = img.closest("figure").querySelector("figcaption .got");
   img.dataset.natural = img.naturalWidth;
   // The same Accept as the browser's <img> requests, so the format shown is the one the image got.
   fetch(img.src, {method: "HEAD", headers: {Accept: "image/avif,image/webp,image/apng,image/*,*/*;q=0.8"}}).then(r => {
@@ -81,6 +81,16 @@ def legend(config: Config) -> str:
     )
 
 
+def describe(preset: Preset, background: str) -> str:
+    """A preset in a few words: its box and fit, where a crop or pad goes, and a pad's colour."""
+    words = [f"{preset.width or 'auto'}\u00d7{preset.height or 'auto'}", preset.fit]
+    if preset.fit == "cover" or (preset.fit == "pad" and preset.gravity != "centre"):
+        words.append(preset.gravity)
+    if preset.fit == "pad":
+        words.append(f"on {preset.background or background}")
+    return " ".join(words)
+
+
 def page(config: Config, number: int) -> str:
     """The HTML of gallery page ``number`` (from 0)."""
     try:
@@ -95,11 +105,11 @@ def page(config: Config, number: int) -> str:
         figures = []
         for name, preset in config.presets.items():
             src = html.escape(f"/{name}/{urllib.parse.quote(key)}")
-            box = f"{preset.width or 'auto'}\u00d7{preset.height or 'auto'} {preset.fit}"
+            box = html.escape(describe(preset, config.encoding.background))
             figures.append(
                 f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(key)} at {name}" '
                 f'data-preset="{name}" data-width="{preset.width or ""}" data-height="{preset.height or ""}"></a>'
-                f"<figcaption><b>{name}</b> ({box})<br>loading\u2026</figcaption></figure>"
+                f'<figcaption><b>{name}</b> ({box})<br><span class="got">loading\u2026</span></figcaption></figure>'
             )
         sections.append(f'<section><h2>{html.escape(key)}</h2><div class="row">{"".join(figures)}</div></section>')
     nav = []

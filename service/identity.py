@@ -9,7 +9,8 @@ revalidate with it) and nginx's cache key (else nginx keeps serving, or 304-reva
   version and the versions of Pillow and the codecs it links. nginx gets it as a template variable
   (service/nginx_conf.py) and puts it in its cache key; after a change the old entries are never looked up
   again and age out (``cache_inactive``).
-- ``rendition_etag``: the fingerprint with the original's digest, the URL-forced format and the format token.
+- ``rendition_etag``: the fingerprint with the original's version (its digest, and the focal point its origin
+  gave, which moves cover crops: origins.Original.version), the URL-forced format and the format token.
 
 Signed ad-hoc sizes (``/_/...``) have one fingerprint for nginx, ``adhoc_fingerprint``, of their shared settings
 (the size, fit and gravity are in the path, hence in nginx's cache key); their ETag takes the fingerprint of the
@@ -81,9 +82,9 @@ def adhoc_fingerprint(config: Config) -> str:
     return preset_fingerprint(config, config.signing.preset())
 
 
-def rendition_etag(original_digest: str, fingerprint: str, forced_format: str | None, token: str) -> str:
-    """The (weak) ETag of one rendition."""
-    return 'W/"' + _digest([original_digest, fingerprint, forced_format or "", token], 32) + '"'
+def rendition_etag(original_version: str, fingerprint: str, forced_format: str | None, token: str) -> str:
+    """The (weak) ETag of one rendition; ``original_version`` is ``Original.version``."""
+    return 'W/"' + _digest([original_version, fingerprint, forced_format or "", token], 32) + '"'
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:

@@ -20,10 +20,11 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,6 +44,12 @@ MAX_REDIRECTS = 3  # hops followed with ?redirects=same-host
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_PORTS = {"http": 80, "https": 443}
 DIGEST_CHARS = 32  # hex characters of SHA-256 kept: 128 bits
+# The origin's focal point, x,y as fractions of the upright image ("0.3,0.7"): S3 user metadata ``focus`` (sent as
+# the header x-amz-meta-focus, which HTTP origins may send too). Plain decimals only: Fraction or float parsing of
+# "1e-999999999" or "nan" has no business here.
+FOCUS_METADATA = "focus"
+FOCUS_HEADER = "X-Amz-Meta-Focus"
+_FOCUS_RE = re.compile(r"\s*([01]?(?:\.[0-9]{1,12})?)\s*,\s*([01]?(?:\.[0-9]{1,12})?)\s*", re.ASCII)
 
 
 def content_digest(data: bytes) -> str:
@@ -53,18 +60,55 @@ def content_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
 
 
+Focus = tuple[float, float]
+
+
+def parse_focus(value: str | None, key: str = "") -> Focus | None:
+    """The focal point in an origin's ``focus`` metadata, rounded to a millionth; None when absent or malformed.
+
+    A malformed value is the uploader's mistake, not the viewer's: it is logged (once per fetch, so once per
+    original's life in memcached) and ignored, never an error.
+    """
+    if value is None:
+        return None
+    match = _FOCUS_RE.fullmatch(value)
+    point = tuple(float(part) for part in match.groups() if part not in ("", ".")) if match else ()
+    if len(point) != 2 or not all(0 <= v <= 1 for v in point):
+        log.warning("ignoring malformed focus %.40r of %r (expected x,y fractions such as 0.3,0.7)", value, key)
+        return None
+    return round(point[0], 6), round(point[1], 6)
+
+
+def focus_text(focus: Focus) -> str:
+    """The canonical text of a focal point (memcached's head item, the ETag): parse_focus reads it back."""
+    return f"{focus[0]:.6f},{focus[1]:.6f}"
+
+
+def version(digest: str, focus: Focus | None) -> str:
+    """An original's version: its digest, with its focal point when there is one."""
+    return digest if focus is None else f"{digest}@{focus_text(focus)}"
+
+
 @dataclass(frozen=True)
 class Original:
-    """An original's bytes and their digest (its identity for ETags and per-instance caches); ``fallback`` when a
-    fallback origin (not the first) served it: its renditions live shortly (config ``fallback_cache_*``)."""
+    """An original's bytes and their digest (its identity for ETags and per-instance caches), the focal point
+    its origin gave (which changes cover crops, so it is part of ``version``), and ``fallback`` when a fallback
+    origin (not the first) served it: its renditions live shortly (config ``fallback_cache_*``)."""
 
     data: bytes
     digest: str
+    focus: Focus | None = None
     fallback: bool = False
 
     @classmethod
-    def from_bytes(cls, data: bytes, fallback: bool = False) -> Original:
-        return cls(data=data, digest=content_digest(data), fallback=fallback)
+    def from_bytes(cls, data: bytes, focus: Focus | None = None, fallback: bool = False) -> Original:
+        return cls(data=data, digest=content_digest(data), focus=focus, fallback=fallback)
+
+    @property
+    def version(self) -> str:
+        """What a rendition's ETag is built from: the digest, with the focal point when there is one (a new focus
+        on the same bytes gives new renditions)."""
+        return version(self.digest, self.focus)
 
 
 class OriginFailure(Exception):
@@ -76,12 +120,12 @@ class OriginTimeout(OriginFailure):
 
 
 class Origin(Protocol):
-    """One place originals may be: ``fetch`` returns the bytes, or None when the key is not there; ``probe``
-    (for /readyz) raises OriginFailure when the origin cannot be reached at all."""
+    """One place originals may be: ``fetch`` returns the original (bytes and focal point), or None when the key is
+    not there; ``probe`` (for /readyz) raises OriginFailure when the origin cannot be reached at all."""
 
     url: str
 
-    def fetch(self, key: str) -> bytes | None: ...
+    def fetch(self, key: str) -> Original | None: ...
 
     def probe(self) -> None: ...
 
@@ -143,7 +187,7 @@ class FileOrigin:
         if not (self.root.is_dir() and os.access(self.root, os.R_OK | os.X_OK)):
             raise OriginFailure(f"{self.url}: not a readable folder")
 
-    def fetch(self, key: str) -> bytes | None:
+    def fetch(self, key: str) -> Original | None:
         path = (self.root / key).resolve()
         if not path.is_relative_to(self.root):
             return None
@@ -153,7 +197,7 @@ class FileOrigin:
                 if size > self.limits.max_original_bytes:
                     raise TooLarge(f"original larger than {self.limits.max_original_bytes} bytes")
                 file.seek(0)
-                return file.read()
+                return Original.from_bytes(file.read())
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         except OSError as exc:
@@ -209,7 +253,7 @@ class HttpOrigin:
         except urllib3.exceptions.HTTPError as exc:
             raise OriginFailure(f"{self.url}: {exc}") from exc
 
-    def fetch(self, key: str) -> bytes | None:
+    def fetch(self, key: str) -> Original | None:
         url = f"{self.base}/{urllib.parse.quote(key, safe='/')}"
         deadline = time.monotonic() + self.limits.origin_total_timeout
         for _ in range(MAX_REDIRECTS + 1):
@@ -222,7 +266,7 @@ class HttpOrigin:
                         raise TooLarge(f"original larger than {self.limits.max_original_bytes} bytes")
                     data = read_limited(reads(resp.read1), self.limits.max_original_bytes, deadline, self.url)
                     reusable = True
-                    return data
+                    return Original.from_bytes(data, parse_focus(resp.headers.get(FOCUS_HEADER), key))
                 reusable = self._discard(resp, deadline)
                 if resp.status in (404, 410):
                     return None
@@ -349,7 +393,7 @@ class S3Origin:
         except BotoCoreError as exc:
             raise OriginFailure(f"{self.url}: {exc}") from exc
 
-    def fetch(self, key: str) -> bytes | None:
+    def fetch(self, key: str) -> Original | None:
         from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
         object_key = f"{self.prefix}/{key}" if self.prefix else key
@@ -361,7 +405,8 @@ class S3Origin:
                 if resp.get("ContentLength", 0) > self.limits.max_original_bytes:
                     raise TooLarge(f"original larger than {self.limits.max_original_bytes} bytes")
                 body._raw_stream = _ReadsAsTheyCome(body._raw_stream)  # no public way in: see _ReadsAsTheyCome
-                return read_limited(body.iter_chunks(READ_CHUNK), self.limits.max_original_bytes, deadline, self.url)
+                data = read_limited(body.iter_chunks(READ_CHUNK), self.limits.max_original_bytes, deadline, self.url)
+            return Original.from_bytes(data, parse_focus(resp.get("Metadata", {}).get(FOCUS_METADATA), key))
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound") or (code == "AccessDenied" and self.forbidden_is_missing):
@@ -426,14 +471,14 @@ class OriginChain:
         failures: list[OriginFailure] = []
         for index, origin in enumerate(self.origins):
             try:
-                data = origin.fetch(key)
+                original = origin.fetch(key)
             except OriginFailure as exc:
                 log.warning("origin failed for %r: %s", key, exc)
                 ORIGIN_ERRORS.labels("timeout" if isinstance(exc, OriginTimeout) else "failure").inc()
                 failures.append(exc)
                 continue
-            if data is not None:
-                return Original.from_bytes(data, fallback=index > 0)
+            if original is not None:
+                return replace(original, fallback=index > 0)
         # The public reason never names an origin (bucket, host, path): the detail is for the log only.
         if failures and all(isinstance(exc, OriginTimeout) for exc in failures):
             raise GatewayTimeout("origin timed out", str(failures[-1]))

@@ -3,19 +3,23 @@
 Modelled on imgproxy's processing/pipeline.go: ``Pipeline.render`` builds one ``RenderContext`` from the
 original's header (``plan``), then runs a short, explicit sequence of small named steps on it:
 
-    still:     decode (or reuse an intermediate) -> crop_resize -> orient -> to_srgb -> choose_output -> flatten
-               -> encode
-    animation: choose_output -> every frame: crop_resize -> orient -> to_srgb -> encode
+    still:     decode (or reuse an intermediate) -> smart_crop -> crop_resize -> orient -> to_srgb -> pad
+               -> choose_output -> flatten -> encode
+    animation: choose_output -> every frame: crop_resize -> orient -> to_srgb -> pad -> encode
 
 so a reader sees what happens to every pixel and in which order, and the output format is decided in one place
 (``choose_output``), once per render. Speed is the product, so the order is chosen for it:
 
 - JPEGs are always decoded with ``Image.draft`` (DCT scaling on load, 3-6x faster than a full decode) to a size
   still at least ``DRAFT_GAP`` times the output, then ``reduce()`` + LANCZOS finish the job.
-- Orientation and the ICC conversion run *after* the resize, on the small image: a centred crop commutes with
-  the eight EXIF flips/rotations, and the colour transform is per pixel, so doing them last is exact for
-  orientation and within a fraction of a ΔE for colour (tests/test_fidelity.py measures it), at a fraction of
-  the cost. (imgproxy also rotates after scaling.)
+- Orientation and the ICC conversion run *after* the resize, on the small image: the crop box is worked out in
+  the raw image's terms (geometry.py maps gravity and the origin's focal point through the EXIF orientation), and
+  the colour transform is per pixel, so doing them last is exact for orientation and within a fraction of a ΔE
+  for colour (tests/test_fidelity.py measures it), at a fraction of the cost. (imgproxy also rotates after
+  scaling.)
+- Crops: geometry.py places a cover crop by the origin's focal point, else the preset's gravity; "smart" gravity
+  moves it, in ``smart_crop``, to the most salient window of a small copy of the intermediate (saliency.py).
+  Animations use the gravity's point (smart: the centre): their frames are never kept as an intermediate.
 - Colour: embedded ICC profiles (RGB or CMYK, Adobe inverted CMYK included: Pillow un-inverts it on decode) are
   converted to sRGB with littleCMS and then *dropped*: untagged images are sRGB on the web, and dropping saves
   the bytes of a profile in every thumbnail. Grayscale stays grayscale (a gray profile is dropped unconverted).
@@ -42,6 +46,7 @@ import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from fractions import Fraction
 from types import TracebackType
 
 import PIL
@@ -64,11 +69,13 @@ from service.formats import (
     kept_exif,
     save_options,
 )
-from service.geometry import DRAFT_GAP, Layout, layout
+from service.geometry import DRAFT_GAP, Layout, Point, layout, refocused
 from service.guards import check_canvas, check_jpeg_scans, gif_frames
 from service.intermediates import Intermediate, IntermediateCache
 from service.metrics import Timings
+from service.origins import Focus
 from service.presets import Preset
+from service.saliency import salient_point
 
 # A truncated file must fail, never come out with a grey bottom half (this is Pillow's default; made explicit).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -109,11 +116,13 @@ class RenderContext:
     source: Image.Image  # opened, header read, not yet decoded: this render's own file object
     source_format: str  # "jpeg" | "png" | "webp" | "gif"
     orientation: int
+    focus: Point | None  # the origin's focal point (upright), which overrides the preset's gravity
     layout: Layout
     icc: bytes | None
     exif: bytes | None  # the EXIF block the output keeps (config's keep_metadata), never the orientation
     frames: int  # > 0: served as an animation of this many frames
     timings: Timings  # this request's stage durations (decode, resize, encode)
+    background: str  # the pad and flatten colour: the preset's, else the global one
     format: str = ""  # decided once, by choose_output
 
 
@@ -248,6 +257,18 @@ def normalise_mode(im: Image.Image) -> Image.Image:
     return im.convert("RGBA" if "A" in mode else "RGB")
 
 
+def smart_crop(ctx: RenderContext, source: Intermediate) -> None:
+    """Smart gravity: move the cover crop onto the most salient window (an origin's focal point wins over it)."""
+    if ctx.preset.fit != "cover" or ctx.preset.gravity != "smart" or ctx.focus is not None:
+        return
+    left, top, right, bottom = ctx.layout.box
+    width, height = ctx.source.size
+    window = (Fraction(right - left) / width, Fraction(bottom - top) / height)
+    point = salient_point(source, window)
+    if point is not None:
+        ctx.layout = refocused(ctx.layout, ctx.source.size, point)
+
+
 def crop_resize(source: Intermediate, lay: Layout) -> Image.Image:
     """The preset's region of the original at the output size (before orientation): a new image of our own."""
     with decoding():
@@ -281,6 +302,23 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     if transform is not None:
         return ImageCms.applyTransform(im, transform)
     return im.convert("RGB") if im.mode == "CMYK" else im
+
+
+def pad(im: Image.Image, lay: Layout, background: str, transparent: bool) -> Image.Image:
+    """fit: pad: the upright image on a canvas of exactly the box, at the layout's offset, the rest filled with
+    ``background``, or with transparent pixels when the image has transparency (``transparent``): the output then
+    keeps alpha where its format can, and ``flatten`` puts it all on the background where it cannot."""
+    if im.size == lay.out_size:
+        return im
+    if im.mode in ("L", "LA") and len(set(ImageColor.getrgb(background)[:3])) > 1:  # a coloured pad on a gray image
+        im = im.convert("RGBA" if im.mode == "LA" else "RGB")
+    fill = ImageColor.getcolor(background, im.mode)
+    if transparent:  # the background's colour under zero alpha: lossy WebP edges bleed into it, not into black
+        assert isinstance(fill, tuple)
+        fill = (*fill[:-1], 0)
+    canvas = Image.new(im.mode, lay.out_size, fill)
+    canvas.paste(im, lay.offset)
+    return canvas
 
 
 def has_transparency(im: Image.Image) -> bool:
@@ -342,20 +380,22 @@ class Pipeline:
         negotiated: str = "",
         forced_format: str | None = None,
         timings: Timings | None = None,
+        focus: Focus | None = None,
     ) -> Rendition:
         """Render ``data`` (the original, whose content hash is ``digest``) at ``preset``.
 
         ``negotiated`` is the request's format token (service/presets.py: "webp" when the client accepts it);
-        ``timings`` (if given) learns how long decoding, resizing and encoding took.
+        ``timings`` (if given) learns how long decoding, resizing and encoding took; ``focus`` is the origin's
+        focal point (x, y fractions of the upright image; Original.focus).
         """
-        ctx = self.plan(data, preset, negotiated, forced_format, timings)
+        ctx = self.plan(data, preset, negotiated, forced_format, timings, focus)
         if ctx.frames and choose_output(ctx, True) in ANIMATED_OUTPUTS:
             return self.animation(ctx)
         ctx.frames = 0  # an animation asked for as JPEG/PNG is a still of its first frame
         im = self.still(ctx, digest)
         transparent = has_transparency(im)
         fmt = choose_output(ctx, transparent)
-        im = flatten(im, fmt, transparent, self.encoding.background)
+        im = flatten(im, fmt, transparent, ctx.background)
         with ctx.timings.stage("encode"):
             return encode(ctx, [im], self.encoding)
 
@@ -366,11 +406,13 @@ class Pipeline:
         negotiated: str = "",
         forced_format: str | None = None,
         timings: Timings | None = None,
+        focus: Focus | None = None,
     ) -> RenderContext:
         """Open the original (header only, limits checked) and work out the geometry for ``preset``."""
         im = open_image(data, self.limits)
         exif = header_exif(im)
         orientation = exif_orientation(exif)
+        point = None if focus is None else (Fraction(focus[0]), Fraction(focus[1]))
         return RenderContext(
             preset=preset,
             data=data,
@@ -379,19 +421,23 @@ class Pipeline:
             source=im,
             source_format=SOURCE_FORMATS[im.format or ""],
             orientation=orientation,
-            layout=layout(im.size, orientation, preset),
+            focus=point,
+            layout=layout(im.size, orientation, preset, point),
             icc=im.info.get("icc_profile"),
             exif=kept_exif(exif, self.encoding.keep_metadata),
             frames=animation_frames(data, im, self.limits, self.encoding),
             timings=timings if timings is not None else Timings(),
+            background=preset.background or self.encoding.background,
         )
 
     def still(self, ctx: RenderContext, digest: str | None) -> Image.Image:
-        """Decode (or reuse an intermediate), crop and resize, orient, convert to sRGB: ready to encode."""
+        """Decode (or reuse an intermediate), place the crop, crop and resize, orient, convert to sRGB, pad: ready
+        to encode."""
         intermediate = self.intermediate(ctx, digest)
         with ctx.timings.stage("resize"):
-            im = crop_resize(intermediate, ctx.layout)
-            return to_srgb(orient(im, ctx.orientation), ctx.icc)
+            smart_crop(ctx, intermediate)
+            im = to_srgb(orient(crop_resize(intermediate, ctx.layout), ctx.orientation), ctx.icc)
+            return pad(im, ctx.layout, ctx.background, has_transparency(im)) if ctx.preset.fit == "pad" else im
 
     def intermediate(self, ctx: RenderContext, digest: str | None) -> Intermediate:
         """The decoded original at the size this preset needs (or a kept, bigger one).
@@ -417,13 +463,18 @@ class Pipeline:
 
     def animation(self, ctx: RenderContext) -> Rendition:
         """Resize every frame (GIF/WebP give each frame fully composited), keeping durations and loop count."""
-        frames, durations = [], []
+        frames: list[Image.Image] = []
+        durations = []
+        transparent = False  # padded transparently when the first frame has transparency, like a still
         with decoding(), ctx.timings.stage("decode"):
             for frame in ImageSequence.Iterator(ctx.source):
                 rgba = frame.convert("RGBA")  # loads the frame: only then does WebP fill in its duration
                 durations.append(min(max(round(frame.info.get("duration", 100)), 0), MAX_FRAME_MS))
-                still = crop_resize(Intermediate(rgba, 1.0), ctx.layout)
-                frames.append(to_srgb(orient(still, ctx.orientation), ctx.icc))
+                still = to_srgb(orient(crop_resize(Intermediate(rgba, 1.0), ctx.layout), ctx.orientation), ctx.icc)
+                if ctx.preset.fit == "pad":
+                    transparent = transparent or (not frames and has_transparency(still))
+                    still = pad(still, ctx.layout, ctx.background, transparent)
+                frames.append(still)
         with ctx.timings.stage("encode"):
             loop = min(int(ctx.source.info.get("loop", 0)), MAX_LOOP)
             return encode(ctx, frames, self.encoding, duration=durations, loop=loop)

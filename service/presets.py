@@ -20,7 +20,9 @@ from typing import Any
 from service.errors import BadRequest, Forbidden, NotFound
 from service.signature import verify
 
-FITS = ("contain", "cover")
+FITS = ("contain", "cover", "pad")
+# Where a cover crop keeps its window (and a pad places the image), in the upright image's terms; "smart" picks the
+# most salient window (service/saliency.py). A focal point given by the origin overrides it.
 GRAVITIES = ("centre", "north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest", "smart")
 # "auto" negotiates from Accept (WebP when the browser lists it); "source" keeps the original's format.
 FORMATS = ("auto", "source", "jpeg", "png", "webp", "gif")
@@ -54,12 +56,15 @@ class Preset:
     name: str
     width: int | None = None  # None: free (derived from height and the aspect ratio)
     height: int | None = None
-    fit: str = "contain"  # contain: largest size inside the box; cover: exactly the box, centre-cropped
-    gravity: str = "centre"
+    # contain: largest size inside the box; cover: exactly the box, cropped (see gravity); pad: exactly the box,
+    # the image contained in it and the rest filled with ``background``
+    fit: str = "contain"
     upscale: bool = False  # never enlarge beyond the original unless asked
     quality: int = 82
     quality_by_format: Mapping[str, int] = dataclasses.field(default_factory=dict)
     format: str = "auto"
+    gravity: str = "centre"  # one of GRAVITIES ("center" is read as "centre" by config.py)
+    background: str | None = None  # pad and alpha-flattening colour; None: the global encoding.background
     # Lifetimes (service/config.py fills in the config's when a preset has none): Cache-Control for browsers and
     # CDNs, and the seconds nginx keeps a rendition (the app sends them as X-Accel-Expires). Not part of a
     # rendition's identity: they do not change its bytes.
@@ -79,6 +84,8 @@ class Preset:
             "upscale": self.upscale,
             "quality": self.quality,
             "format": self.format,
+            "gravity": self.gravity,
+            "background": self.background,
             "cache_control": self.cache_control,
             "cache_valid": self.cache_valid,
         }
@@ -180,8 +187,8 @@ def parse_path(
 def parse_adhoc(path: str, signing: Signing, max_key_bytes: int) -> ImageRequest:
     """``<signature>/<W>x<H>[/<fit>[/<gravity>]]/<key>``: the signature first (403), then the size's limits (400).
 
-    Either side may be omitted (``640x``: 640 wide, the height follows the aspect ratio), not both; ``cover``
-    needs both. No format suffix: the format is ``signing.format`` (negotiated when "auto", like a preset's).
+    Either side may be omitted (``640x``: 640 wide, the height follows the aspect ratio), not both; ``cover`` and
+    ``pad`` need both. No format suffix: the format is ``signing.format`` (negotiated when "auto", like a preset's).
     """
     signature, _, signed = path.partition("/")
     if not verify(signing.keys, signed, signature):
@@ -196,8 +203,8 @@ def parse_adhoc(path: str, signing: Signing, max_key_bytes: int) -> ImageRequest
             raise BadRequest(f"ad-hoc {side} must be from 1 to {limit}, got {value}")
     if width is None and height is None:
         raise BadRequest("ad-hoc size needs a width, a height or both")
-    if fit == "cover" and (width is None or height is None):
-        raise BadRequest("ad-hoc fit 'cover' needs both width and height")
+    if fit in ("cover", "pad") and (width is None or height is None):
+        raise BadRequest(f"ad-hoc fit {fit!r} needs both width and height")
     preset = signing.preset(width, height, fit, match["adhoc_gravity"] or "centre")
     return ImageRequest(preset=preset, key=check_key(match["adhoc_key"], max_key_bytes), format=None)
 

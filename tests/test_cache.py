@@ -251,3 +251,15 @@ def test_store_writes_memcached_in_the_background(memcached_server: str) -> None
     while cache.get("background-key") != original:
         assert time.monotonic() < deadline, "the background store never landed"
         time.sleep(0.05)
+
+
+def test_focus_travels_with_the_original(memcached_server: str) -> None:
+    """The origin's focal point is kept in the head item: a render from memcached crops like one from the origin,
+    and the head alone gives the version (digest and focus) that ETags are built from."""
+    cache = _cache(memcached_server)
+    focused = Original.from_bytes(b"same bytes", focus=(0.15, 0.85))
+    cache.set("focused.jpg", focused)
+    assert cache.get("focused.jpg") == focused
+    assert cache.head("focused.jpg").version == focused.version == f"{focused.digest}@0.150000,0.850000"
+    cache.set("focused.jpg", Original.from_bytes(b"same bytes"))  # the focus removed: the version follows
+    assert cache.head("focused.jpg").version == focused.digest and cache.get("focused.jpg").focus is None

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from service.config import parse_config
+from service.gallery import page
 from service.launcher import Stack
 from service.pipeline import Pipeline
 from service.procs import free_port
@@ -74,3 +76,15 @@ def test_gallery_pages(stack: Stack) -> None:
     assert first.headers["X-Cache-Status"] == "BYPASS"
     beyond = requests.get(stack.url + "/?page=99", timeout=30)
     assert beyond.status_code == 200 and "No originals." in beyond.text and "previous" in beyond.text
+
+
+def test_captions_describe_fit_gravity_and_background() -> None:
+    presets = {
+        "t": {"width": 150, "height": 150, "fit": "cover", "gravity": "smart"},
+        "p": {"width": 200, "height": 100, "fit": "pad", "background": "#000"},
+        "n": {"width": 200, "height": 100, "fit": "pad", "gravity": "north"},
+        "s": {"width": 320},
+    }
+    html = page(parse_config({"origins": [f"file://{REPO / 'samples'}"], "presets": presets}, {}), 0)
+    for caption in ("150×150 cover smart", "200×100 pad on #000", "200×100 pad north on #ffffff", "320×auto contain"):
+        assert f"({caption})" in html

@@ -32,9 +32,9 @@ SAMPLES = {"storm.jpg": (1920, 1280), "wine-exif-orientation-6.jpg": (2560, 3837
 
 
 def expected_size(size: tuple[int, int], preset: dict[str, Any]) -> tuple[int, int]:
-    """The rendition size per /presets.json: ``cover`` is the box, ``contain`` the largest fit inside."""
+    """The rendition size per /presets.json: ``cover`` and ``pad`` are the box, ``contain`` the largest fit inside."""
     width, height = size
-    if preset["fit"] == "cover":
+    if preset["fit"] in ("cover", "pad"):
         return preset["width"], preset["height"]
     scales = [box / side for box, side in ((preset["width"], width), (preset["height"], height)) if box]
     scale = min(scales) if preset["upscale"] else min([*scales, 1.0])

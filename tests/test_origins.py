@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import logging
 import re
 import socket
 import ssl
@@ -27,7 +28,17 @@ import pytest
 from service import public_net
 from service.config import ConfigError, Limits, parse_config
 from service.errors import BadGateway, GatewayTimeout, NotFound, TooLarge
-from service.origins import FileOrigin, HttpOrigin, OriginChain, OriginFailure, OriginTimeout, S3Origin, make_origin
+from service.origins import (
+    FileOrigin,
+    HttpOrigin,
+    Original,
+    OriginChain,
+    OriginFailure,
+    OriginTimeout,
+    S3Origin,
+    make_origin,
+    parse_focus,
+)
 from tests.support import AWS_ENV, CountingProxy, QuietServer, moto_s3, s3_client, self_signed_cert
 
 Answer = Callable[[http.server.BaseHTTPRequestHandler], None]
@@ -163,7 +174,7 @@ def test_file_origin_reads_and_never_escapes(tmp_path: Path) -> None:
     (tmp_path / "secret").write_bytes(b"secret")
     (root / "link").symlink_to(tmp_path / "secret")
     origin = FileOrigin(f"file://{root}", Limits())
-    assert origin.fetch("a/b.jpg") == b"image"
+    assert origin.fetch("a/b.jpg") == Original.from_bytes(b"image")
     assert origin.fetch("a/missing.jpg") is None
     assert origin.fetch("a") is None  # a folder is not an original
     assert origin.fetch("link") is None  # a symlink out of the root is not followed out
@@ -175,7 +186,7 @@ def test_http_origin_statuses_and_timeouts() -> None:
     server = CountingProxy(files={"/up/new photo.jpg": b"fresh"})
     try:
         origin = HttpOrigin(server.url + "/up", Limits(origin_read_timeout=0.5), allow_private=True)
-        assert origin.fetch("new photo.jpg") == b"fresh"
+        assert origin.fetch("new photo.jpg") == Original.from_bytes(b"fresh")
         assert origin.fetch("other.jpg") is None
         server.status = 500
         with pytest.raises(OriginFailure):
@@ -196,15 +207,16 @@ def test_connections_are_kept_after_whole_bodies(
     """Reading as the socket delivers still ends each response cleanly: the next GET reuses the connection."""
     server = serve({"/a.jpg": send(200, b"a" * 300_000), "/bucket/a.jpg": send(200, b"s3" * 1000)})
     http_origin = HttpOrigin(server.url, Limits(), allow_private=True)
+    whole = Original.from_bytes(b"a" * 300_000)
     assert [http_origin.fetch("a.jpg"), http_origin.fetch("gone.jpg"), http_origin.fetch("a.jpg")] == [
-        b"a" * 300_000,
+        whole,
         None,
-        b"a" * 300_000,
+        whole,
     ]
     assert server.connections == 1
     s3_at(server.url, monkeypatch)
     s3_origin = S3Origin("s3://bucket", Limits(), 1)
-    assert s3_origin.fetch("a.jpg") == s3_origin.fetch("a.jpg") == b"s3" * 1000
+    assert s3_origin.fetch("a.jpg") == s3_origin.fetch("a.jpg") == Original.from_bytes(b"s3" * 1000)
     assert server.connections == 2
 
 
@@ -245,7 +257,7 @@ def test_s3_checksum_is_still_checked(serve: Callable[..., Scripted], monkeypatc
     )
     s3_at(server.url, monkeypatch)
     origin = S3Origin("s3://bucket", Limits(), 1)
-    assert origin.fetch("right.jpg") == b"abc"
+    assert origin.fetch("right.jpg") == Original.from_bytes(b"abc")
     with pytest.raises(OriginFailure, match="checksum"):
         origin.fetch("wrong.jpg")
 
@@ -274,10 +286,39 @@ def test_s3_origin_with_prefix(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setenv(key, value)
     config = parse_config({"origins": ["s3://origin-unit/pre"], "presets": {"s": {"width": 1}}}, {})
     origin = make_origin(config.origins[0], config)
-    assert origin.fetch("x/y.jpg") == b"s3 bytes"
+    assert origin.fetch("x/y.jpg") == Original.from_bytes(b"s3 bytes")
     assert origin.fetch("x/none.jpg") is None
     with pytest.raises(OriginFailure):
         make_origin("s3://no-such-bucket", config).fetch("x/y.jpg")
+
+
+def test_focus_comes_with_the_same_response(
+    s3_endpoint: str, serve: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S3 user metadata ``focus`` (x-amz-meta-focus), or the same header from an HTTP origin, is the original's
+    focal point; a malformed one is logged and ignored, never an error."""
+    client = s3_client(s3_endpoint)
+    client.create_bucket(Bucket="focus-unit")
+    client.put_object(Bucket="focus-unit", Key="f.jpg", Body=b"f", Metadata={"focus": "0.3,0.7"})
+    client.put_object(Bucket="focus-unit", Key="bad.jpg", Body=b"b", Metadata={"focus": "north"})
+    client.put_object(Bucket="focus-unit", Key="none.jpg", Body=b"n")
+    for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(name, value)
+    s3 = S3Origin("s3://focus-unit", Limits(), 1)
+    assert s3.fetch("f.jpg") == Original.from_bytes(b"f", focus=(0.3, 0.7))
+    assert s3.fetch("none.jpg") == Original.from_bytes(b"n")
+    with caplog.at_level(logging.WARNING, logger="service.origins"):
+        assert s3.fetch("bad.jpg") == Original.from_bytes(b"b")
+    assert "ignoring malformed focus 'north' of 'bad.jpg'" in caplog.text
+    server = serve({"/a.jpg": send(200, b"a", {"X-Amz-Meta-Focus": " 1, .25 "}), "/b.jpg": send(200, b"b")})
+    http_origin = HttpOrigin(server.url, Limits(), allow_private=True)
+    assert http_origin.fetch("a.jpg") == Original.from_bytes(b"a", focus=(1.0, 0.25))
+    assert http_origin.fetch("b.jpg") == Original.from_bytes(b"b")
+
+
+@pytest.mark.parametrize("value", ["", "0.5", "0.5,0.5,0.5", "1.5,0", "-0.1,0.5", "nan,0", "1e-3,0", "inf,1", ". , ."])
+def test_malformed_focus_is_ignored(value: str) -> None:
+    assert parse_focus(value) is None
 
 
 def test_s3_forbidden_can_mean_missing(logs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -310,7 +351,8 @@ def test_s3_forbidden_can_mean_missing(logs: Path, monkeypatch: pytest.MonkeyPat
         config = parse_config({"origins": ["s3://iam-unit/originals"], "presets": {"s": {"width": 1}}}, {})
         lenient = make_origin("s3://iam-unit/originals?forbidden=missing", config)
         strict = make_origin("s3://iam-unit/originals", config)
-        assert lenient.fetch("public/a.jpg") == strict.fetch("public/a.jpg") == b"granted"  # prefix without query
+        granted = Original.from_bytes(b"granted")
+        assert lenient.fetch("public/a.jpg") == strict.fetch("public/a.jpg") == granted  # prefix without query
         assert lenient.fetch("public/none.jpg") is None and strict.fetch("public/none.jpg") is None  # moto's 404
         assert lenient.fetch("private/b.jpg") is None
         with pytest.raises(NotFound):
@@ -366,7 +408,7 @@ def test_redirects_are_a_policy(serve: Callable[..., Scripted]) -> None:
     with pytest.raises(BadGateway):
         OriginChain([strict]).fetch("a.jpg")
     lenient = HttpOrigin(server.url + "/pre?redirects=same-host", Limits(), allow_private=True)
-    assert lenient.fetch("a.jpg") == b"b"
+    assert lenient.fetch("a.jpg") == Original.from_bytes(b"b")
     with pytest.raises(OriginFailure, match="another host"):
         lenient.fetch("away.jpg")
     assert other.paths == []
@@ -419,7 +461,7 @@ def test_private_addresses_are_refused_unless_allowed(serve: Callable[..., Scrip
     assert server.connections == 0
     allowed = parse_config({"origins": ["s3://b"], "presets": PRESETS, "allow_private_origins": True}, {})
     for host in ("127.0.0.1", "localhost"):
-        assert make_origin(f"http://{host}:{server.port}", allowed).fetch("a.jpg") == b"a"
+        assert make_origin(f"http://{host}:{server.port}", allowed).fetch("a.jpg") == Original.from_bytes(b"a")
 
 
 def test_private_origins_switch_from_the_environment() -> None:
@@ -470,7 +512,7 @@ def test_tls_checks_the_host_name_not_the_checked_address(
     monkeypatch.setattr(
         socket, "getaddrinfo", lambda host, *args: resolve("127.0.0.1" if host == "origin.test" else host, *args)
     )
-    assert HttpOrigin(f"https://localhost:{server.port}", Limits()).fetch("a.jpg") == b"a"
+    assert HttpOrigin(f"https://localhost:{server.port}", Limits()).fetch("a.jpg") == Original.from_bytes(b"a")
     assert server.hosts == [f"localhost:{server.port}"]
     with pytest.raises(OriginFailure, match="Hostname mismatch"):
         HttpOrigin(f"https://origin.test:{server.port}", Limits()).fetch("a.jpg")
@@ -485,11 +527,11 @@ class Fake:
         self.result = result
         self.calls = 0
 
-    def fetch(self, key: str) -> bytes | None:
+    def fetch(self, key: str) -> Original | None:
         self.calls += 1
         if isinstance(self.result, Exception):
             raise self.result
-        return self.result
+        return None if self.result is None else Original.from_bytes(self.result)
 
 
 def test_chain_first_hit_wins_in_order() -> None:

@@ -201,13 +201,13 @@ def test_file_origin_never_reads_outside_its_folder(origin: FileOrigin, path: st
     if request is None:
         return
     try:
-        data = origin.fetch(request.key)
+        original = origin.fetch(request.key)
     except OriginFailure:  # nothing read (whether it should be a failure: the next test)
         event("origin failure")
         return
     leads_out = not (origin.root / request.key).resolve().is_relative_to(origin.root)
-    event("key leads out of the folder" if leads_out else "found" if data is not None else "missing")
-    assert data is None or data in INSIDE.values(), (request.key, data)
+    event("key leads out of the folder" if leads_out else "found" if original is not None else "missing")
+    assert original is None or original.data in INSIDE.values(), (request.key, original)
 
 
 @PROPERTY_SETTINGS
@@ -218,4 +218,5 @@ def test_file_origin_answers_found_or_missing_for_every_accepted_key(origin: Fil
     there", never cached as missing) for a request that no healthy folder can satisfy."""
     request = accepted(path)
     if request is not None:
-        assert origin.fetch(request.key) in (None, *INSIDE.values())
+        original = origin.fetch(request.key)
+        assert original is None or original.data in INSIDE.values()
