@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from service.presets import FITS, FORMATS, Preset
+from service.presets import DEFAULT_NEGOTIATE, FITS, FORMATS, NEGOTIABLE, Preset
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +64,11 @@ class Encoding:
     progressive_min_pixels: int = 100_000  # JPEG outputs at least this big are progressive
     png_compress_level: int = 6
     webp_method: int = 4
+    # AVIF encoder speed, 0 (slowest, smallest) to 10. Provisional default: bench/ measures the curve.
+    avif_speed: int = 8
+    # Formats "auto" presets offer, in order of preference, to clients whose Accept lists them (a preset's own
+    # ``negotiate`` overrides it): [] never negotiates (JPEG/PNG/GIF for everyone), [webp] turns AVIF off.
+    negotiate: tuple[str, ...] = DEFAULT_NEGOTIATE
     keep_metadata: tuple[str, ...] = ()  # EXIF tags kept in outputs, e.g. ("copyright", "artist")
     animation: bool = True  # animated GIF/WebP stay animated (up to limits.max_frames)
     url_format_suffix: bool = True  # /<preset>/<key>.webp forces WebP when <key> has its own extension
@@ -144,7 +149,17 @@ def _build(cls: type, path: str, raw: Any, **fixed: Any) -> Any:
     return cls(**values)
 
 
-def _preset(name: str, raw: Any) -> Preset:
+def _check_negotiate(path: str, order: tuple[str, ...]) -> None:
+    """A negotiation order names known formats, each once."""
+    for token in order:
+        if token not in NEGOTIABLE:
+            raise ConfigError(f"{path}: {token!r} cannot be negotiated (known: {', '.join(NEGOTIABLE)})")
+    if len(set(order)) != len(order):
+        raise ConfigError(f"{path}: a format is listed twice in {list(order)!r}")
+
+
+def _preset(name: str, raw: Any, negotiate: tuple[str, ...]) -> Preset:
+    """Build and check one preset; ``negotiate`` is the global order, taken when the preset has none."""
     path = f"presets.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise ConfigError(f"{path}: preset names may hold only letters, digits, '_' and '-'")
@@ -153,7 +168,8 @@ def _preset(name: str, raw: Any) -> Preset:
         value = raw.get(dim)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000):
             raise ConfigError(f"{path}.{dim}: expected a whole number of pixels from 1 to 10000, got {value!r}")
-    preset = _build(Preset, path, raw, name=name)
+    preset = _build(Preset, path, raw, name=name, **({} if "negotiate" in raw else {"negotiate": negotiate}))
+    _check_negotiate(f"{path}.negotiate", preset.negotiate)
     if preset.width is None and preset.height is None:
         raise ConfigError(f"{path}: needs a width, a height or both")
     if preset.fit not in FITS:
@@ -196,7 +212,11 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
     presets_raw = _check_type("presets", raw.get("presets") or {}, dict)
     if not presets_raw:
         raise ConfigError("presets: at least one preset is required")
-    presets = {name: _preset(name, value) for name, value in presets_raw.items()}
+    encoding = _build(Encoding, "encoding", raw.get("encoding"))
+    if encoding.avif_speed > 10:
+        raise ConfigError(f"encoding.avif_speed: must be from 0 to 10, got {encoding.avif_speed!r}")
+    _check_negotiate("encoding.negotiate", encoding.negotiate)
+    presets = {name: _preset(name, value, encoding.negotiate) for name, value in presets_raw.items()}
 
     origins = list(_check_type("origins", raw.get("origins") or [], list))
     if environ.get("PHIZER_ORIGINS"):
@@ -227,7 +247,7 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
         origins=tuple(origins),
         memcached=memcached,
         limits=_build(Limits, "limits", raw.get("limits")),
-        encoding=_build(Encoding, "encoding", raw.get("encoding")),
+        encoding=encoding,
     )
 
 

@@ -20,7 +20,7 @@ import jinja2
 
 from service.config import REPO_ROOT, Config, load_config
 from service.identity import CACHE_KEY, CACHE_LEVELS, preset_fingerprints
-from service.presets import NEGOTIATED, SUFFIX_PATTERN
+from service.presets import NEGOTIABLE, SUFFIX_PATTERN, negotiation_rules, order_label
 
 TEMPLATE = REPO_ROOT / "nginx" / "nginx.conf.j2"
 UPSTREAM_MARGIN = 5  # seconds nginx waits for an instance beyond the app's request_timeout
@@ -28,14 +28,22 @@ UPSTREAM_MARGIN = 5  # seconds nginx waits for an instance beyond the app's requ
 
 def config_vars(config: Config) -> dict[str, Any]:
     """The template variables that follow from phizer's config: presets, URL rules and cache fingerprints."""
+    labels = {name: order_label(preset) for name, preset in config.presets.items()}
+    negotiating = {name: label for name, label in labels.items() if label}
     return {
         "presets": list(config.presets),
         "fingerprints": preset_fingerprints(config),
         "cache_key": CACHE_KEY.format(uri="$uri", token="$phizer_format", fingerprint="$phizer_fingerprint"),
         "cache_levels": ":".join(str(width) for width in CACHE_LEVELS),
-        "negotiating": [name for name, preset in config.presets.items() if preset.format == "auto"],
+        "negotiating": negotiating,
         "suffix_pattern": SUFFIX_PATTERN if config.encoding.url_format_suffix else "",
-        "negotiated": [[token, media_type, re.escape(media_type)] for token, media_type in NEGOTIATED],
+        # One regex per (order, token), each order's tokens in its order of preference: presets.format_token's rule.
+        "negotiation": [
+            [order, token, re.escape(media_type)]
+            for order in dict.fromkeys(negotiating.values())
+            for token, media_type in negotiation_rules(tuple(order.split(",")))
+        ],
+        "negotiated": [[token, media_type] for token, media_type in NEGOTIABLE.items()],
         # nginx waits for an instance a little longer than the app's own deadline, never less: it must not give up
         # first (and mark the instance failed) while the app still works on an answer.
         "upstream_timeout": f"{math.ceil(config.limits.request_timeout) + UPSTREAM_MARGIN}s",
