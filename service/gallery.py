@@ -16,7 +16,7 @@ import falcon
 
 from service.config import Config
 from service.origins import list_keys
-from service.presets import SUFFIX_FORMATS
+from service.presets import SUFFIX_FORMATS, Preset
 
 PAGE_SIZE = 12
 
@@ -24,7 +24,7 @@ SCRIPT = """
 const imgs = [...document.querySelectorAll("img")];
 let done = 0;
 function finished(img) {
-  const cap = img.closest("figure").querySelector("figcaption");
+  const cap = img.closest("figure").querySelector(".info");  // the rest of the caption says what was asked
   img.dataset.natural = img.naturalWidth;
   // The same Accept as the browser's <img> requests, so the format shown is the one the image got.
   fetch(img.src, {method: "HEAD", headers: {Accept: "image/avif,image/webp,image/apng,image/*,*/*;q=0.8"}}).then(r => {
@@ -56,6 +56,15 @@ figure { margin: 0; } figcaption { color: #555; font-size: 12px; } img { display
 """
 
 
+def format_note(preset: Preset) -> str:
+    """How the preset picks its format: fixed, or "auto" with its negotiation order (the first one Accept lists)."""
+    if preset.format != "auto":
+        return preset.format
+    if not preset.negotiate:
+        return "auto: jpeg/png, never negotiated"
+    return f"auto: {' > '.join(preset.negotiate)} > jpeg/png"
+
+
 def page(config: Config, number: int) -> str:
     """The HTML of gallery page ``number`` (from 0)."""
     try:
@@ -70,11 +79,12 @@ def page(config: Config, number: int) -> str:
         figures = []
         for name, preset in config.presets.items():
             src = html.escape(f"/{name}/{urllib.parse.quote(key)}")
-            box = f"{preset.width or 'auto'}\u00d7{preset.height or 'auto'} {preset.fit}"
+            note = html.escape(format_note(preset))
+            box = f"{preset.width or 'auto'}\u00d7{preset.height or 'auto'} {preset.fit}, {note}"
             figures.append(
                 f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(key)} at {name}" '
                 f'data-preset="{name}" data-width="{preset.width or ""}" data-height="{preset.height or ""}"></a>'
-                f"<figcaption><b>{name}</b> ({box})<br>loading\u2026</figcaption></figure>"
+                f"<figcaption><b>{name}</b> ({box})<br><span class='info'>loading\u2026</span></figcaption></figure>"
             )
         sections.append(f'<section><h2>{html.escape(key)}</h2><div class="row">{"".join(figures)}</div></section>')
     nav = []

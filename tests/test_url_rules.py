@@ -10,9 +10,11 @@ same URL; the instance that answered must be the one a plain request for the par
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,6 +153,13 @@ def test_served_format_is_the_token(stack: Stack) -> None:
     noavif, webpfirst = (parse_path(f"/{name}/real.jpg", config.presets, 1024) for name in ("noavif", "webpfirst"))
     assert (format_token(noavif, CHROME), format_token(webpfirst, SAFARI)) == ("webp", "webp")
     assert (format_token(webpfirst, "IMAGE/AVIF,*/*"), format_token(noavif, "IMAGE/AVIF,*/*")) == ("avif", "")
+
+
+def test_presets_json_shows_each_negotiation_order(stack: Stack) -> None:
+    with urllib.request.urlopen(f"{stack.url}/presets.json", timeout=30) as resp:
+        served = json.load(resp)
+    orders = {name: definition["negotiate"] for name, definition in served.items()}
+    assert orders == {name: list(preset.get("negotiate", ["avif", "webp"])) for name, preset in PRESETS.items()}
 
 
 def test_table_rows_cover_suffixes_on_and_off(stack: Stack) -> None:
