@@ -83,6 +83,8 @@ def test_avif_encodes_and_decodes_with_the_plugin(corpus: Path) -> None:
     assert len(low.body) < len(avif.body) / 2
     forced = render(PIPELINE, data, SMALL, forced_format="avif")
     assert forced.body == avif.body  # the suffix and the token give the same rendition
+    with pytest.raises(UnsupportedMedia):  # an output only: the plugin's decoder is not among ours
+        render(PIPELINE, avif.body, SMALL)
 
 
 def test_simd_build_uses_avx2_when_the_cpu_has_it() -> None:
