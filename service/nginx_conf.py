@@ -28,8 +28,8 @@ UPSTREAM_MARGIN = 5  # seconds nginx waits for an instance beyond the app's requ
 
 def config_vars(config: Config) -> dict[str, Any]:
     """The template variables that follow from phizer's config: presets, URL rules and cache fingerprints."""
-    labels = {name: order_label(preset) for name, preset in config.presets.items()}
-    negotiating = {name: label for name, label in labels.items() if label}
+    negotiating = {name: order_label(preset) for name, preset in config.presets.items() if order_label(preset)}
+    orders = {order_label(preset): preset.negotiate for preset in config.presets.values() if order_label(preset)}
     return {
         "presets": list(config.presets),
         "fingerprints": preset_fingerprints(config),
@@ -39,9 +39,9 @@ def config_vars(config: Config) -> dict[str, Any]:
         "suffix_pattern": SUFFIX_PATTERN if config.encoding.url_format_suffix else "",
         # One regex per (order, token), each order's tokens in its order of preference: presets.format_token's rule.
         "negotiation": [
-            [order, token, re.escape(media_type)]
-            for order in dict.fromkeys(negotiating.values())
-            for token, media_type in negotiation_rules(tuple(order.split(",")))
+            [label, token, re.escape(media_type)]
+            for label, order in orders.items()
+            for token, media_type in negotiation_rules(order)
         ],
         "negotiated": [[token, media_type] for token, media_type in NEGOTIABLE.items()],
         # nginx waits for an instance a little longer than the app's own deadline, never less: it must not give up
