@@ -313,6 +313,7 @@ def test_check_config_names_the_bad_key_or_prints_the_presets(tmp_path: Path) ->
     for name in PRESETS:
         assert f"\n  {name} " in checked.stdout
     assert "fit=cover" in checked.stdout and "format=webp" in checked.stdout
+    assert "format=auto[webp] " in checked.stdout and "format=auto[avif,webp] " in checked.stdout  # the orders
     assert "\n  max_pixels = 50000000\n" in checked.stdout
 
     bad = tmp_path / "bad.yaml"
