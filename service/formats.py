@@ -40,9 +40,10 @@ MAX_DIMENSIONS = {"jpeg": 65_535, "png": 2**31 - 1, "webp": 16_383, "gif": 65_53
 # AVIF's encoder quality (libavif's 0-100, a quantizer scale) reads differently from JPEG's and WebP's: at the
 # same number AVIF is better and bigger. Presets give one JPEG-scale quality; AVIF gets the value whose mean SSIM
 # matches WebP's at that quality (pairs: JPEG scale -> AVIF, linear in between), where AVIF is 15-20% smaller.
-# Provisional, calibrated by hand (corpus stills at 640 px, speed 8, 8x8-block luma SSIM against the lossless
-# resize; numbers in the avif branch's commit message): bench/'s AVIF speed/quality curve is to replace it.
-AVIF_QUALITY = ((0, 0), (50, 48), (60, 52), (70, 55), (82, 67), (90, 80), (100, 100))
+# Provisional, calibrated by hand (corpus stills at 320 and 640 px, speed 8, 8x8-block luma SSIM against the
+# lossless resize, the two sizes averaged; numbers in the avif branch's commit messages): bench/'s AVIF
+# speed/quality curve is to replace it.
+AVIF_QUALITY = ((0, 0), (50, 50), (60, 53), (70, 56), (82, 68), (90, 81), (100, 100))
 # Animation fields both animated outputs can hold (GIF: 16-bit loop count, frame delays in 16-bit hundredths of a
 # second; WebP: 16-bit loop count). APNG and WebP inputs can declare more: clamped, never a 500.
 MAX_LOOP = 65_535
