@@ -5,10 +5,11 @@ revalidate with it) and nginx's cache key (else nginx keeps serving, or 304-reva
 ``cache_valid`` after a config change). Both come from here:
 
 - ``preset_fingerprints(config)``: per preset, a hash of its whole definition (its negotiation order included)
-  plus everything else that changes output bytes: the encoder settings (AVIF's speed too), the limits that turn
-  an animation into a still, the pipeline's version and the versions of Pillow, the codecs it links and the AVIF
-  plugin with its libavif and AV1 encoders. nginx gets it as a template variable (service/nginx_conf.py) and puts
-  it in its cache key; after a change the old entries are never looked up again and age out (``cache_inactive``).
+  and the AVIF quality it maps to, plus everything else that changes output bytes: the encoder settings (AVIF's
+  speed too), the limits that turn an animation into a still, the pipeline's version and the versions of Pillow,
+  the codecs it links and the AVIF plugin with its libavif and AV1 encoders. nginx gets it as a template variable
+  (service/nginx_conf.py) and puts it in its cache key; after a change the old entries are never looked up again
+  and age out (``cache_inactive``).
 - ``rendition_etag``: the fingerprint with the original's digest, the URL-forced format and the format token.
 
 The ETag is weak: a kept intermediate may give a preset a slightly different (equally good) resize than a
@@ -60,7 +61,12 @@ def preset_fingerprints(config: Config) -> dict[str, str]:
     }
     return {
         name: _digest(
-            {**shared, "preset": {**dataclasses.asdict(preset), "quality_by_format": dict(preset.quality_by_format)}}
+            {
+                **shared,
+                "preset": {**dataclasses.asdict(preset), "quality_by_format": dict(preset.quality_by_format)},
+                # The AVIF quality it encodes with: a recalibrated mapping (formats.AVIF_QUALITY) changes the bytes.
+                "avif_quality": preset.quality_for("avif"),
+            }
         )
         for name, preset in config.presets.items()
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pillow_avif
 import pytest
 
+from service import formats
 from service.config import parse_config
 from service.identity import library_versions, preset_fingerprints
 
@@ -33,4 +34,11 @@ def test_a_plugin_upgrade_changes_the_fingerprints(monkeypatch: pytest.MonkeyPat
     config = parse_config(BASE, {})
     before = preset_fingerprints(config)
     monkeypatch.setattr(pillow_avif, "__version__", "99.0.0")
+    assert preset_fingerprints(config)["small"] != before["small"]
+
+
+def test_a_recalibrated_avif_mapping_changes_the_fingerprints(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = parse_config(BASE, {})
+    before = preset_fingerprints(config)
+    monkeypatch.setattr(formats, "AVIF_QUALITY", ((0, 0), (100, 100)))  # 82 would map to 82 now
     assert preset_fingerprints(config)["small"] != before["small"]
