@@ -74,7 +74,7 @@ CLASSES = ("hit", "miss", "404", "hostile", "burst")
 STEADY_WEIGHTS = {"hit": 0.45, "miss": 0.30, "404": 0.10, "hostile": 0.15}
 SAMPLE_QUOTAS = {"miss": 90, "hit": 70, "burst": 40}  # 200 bodies decoded after the run
 SAMPLE_KEEP = {"miss": 110, "hit": 90, "burst": 70}  # reservoir sizes: spares fill a class that fell short
-ACCEPT_WEBP = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"  # a current Chrome
+ACCEPT_WEBP = "image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"  # a browser with WebP but not AVIF
 ACCEPT_PLAIN = "image/png,image/svg+xml,image/*;q=0.8,video/*;q=0.8,*/*;q=0.5"  # a browser without WebP
 # How a rendition is asked for: (URL suffix, Accept header). "auto" formats are negotiated from Accept; a suffix
 # forces the format whatever Accept says.

@@ -89,6 +89,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from service.config import ConfigError, load_config
     from service.identity import preset_fingerprints
+    from service.presets import order_label
 
     try:
         config = load_config(args.file)
@@ -103,9 +104,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for name, preset in config.presets.items():
         size = f"{preset.width or '-'}x{preset.height or '-'}"
         extra = f" quality_by_format={dict(preset.quality_by_format)}" if preset.quality_by_format else ""
+        fmt = f"auto[{order_label(preset)}]" if preset.format == "auto" else preset.format  # with its order
         print(
             f"  {name:<12} {size:<11} fit={preset.fit:<7} upscale={str(preset.upscale).lower():<5} "
-            f"quality={preset.quality:<3} format={preset.format:<6} fingerprint={fingerprints[name]}{extra} "
+            f"quality={preset.quality:<3} format={fmt:<15} fingerprint={fingerprints[name]}{extra} "
             f"cache_valid={preset.cache_valid}s cache_control={preset.cache_control!r}"
         )
     print("origins:", ", ".join(config.origins))

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from PIL import ImageColor
 
-from service.presets import ADHOC, FITS, FORMATS, GRAVITIES, Preset, Signing
+from service.presets import ADHOC, DEFAULT_NEGOTIATE, FITS, FORMATS, GRAVITIES, NEGOTIABLE, Preset, Signing
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +70,11 @@ class Encoding:
     progressive_min_pixels: int = 100_000  # JPEG outputs at least this big are progressive
     png_compress_level: int = 6
     webp_method: int = 4
+    # AVIF encoder speed, 0 (slowest, smallest) to 10. Provisional default: bench/ measures the curve.
+    avif_speed: int = 8
+    # Formats "auto" presets offer, in order of preference, to clients whose Accept lists them (a preset's own
+    # ``negotiate`` overrides it): [] never negotiates (JPEG/PNG/GIF for everyone), [webp] turns AVIF off.
+    negotiate: tuple[str, ...] = DEFAULT_NEGOTIATE
     keep_metadata: tuple[str, ...] = ()  # EXIF tags kept in outputs, e.g. ("copyright", "artist")
     animation: bool = True  # animated GIF/WebP stay animated (up to limits.max_frames)
     url_format_suffix: bool = True  # /<preset>/<key>.webp forces WebP when <key> has its own extension
@@ -197,7 +202,17 @@ def _check_colour(path: str, value: Any) -> str:
     return value
 
 
-def _preset(name: str, raw: Any) -> Preset:
+def _check_negotiate(path: str, order: tuple[str, ...]) -> None:
+    """A negotiation order names known formats, each once."""
+    for token in order:
+        if token not in NEGOTIABLE:
+            raise ConfigError(f"{path}: {token!r} cannot be negotiated (known: {', '.join(NEGOTIABLE)})")
+    if len(set(order)) != len(order):
+        raise ConfigError(f"{path}: a format is listed twice in {list(order)!r}")
+
+
+def _preset(name: str, raw: Any, negotiate: tuple[str, ...]) -> Preset:
+    """Build and check one preset; ``negotiate`` is the global order, taken when the preset has none."""
     path = f"presets.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise ConfigError(f"{path}: preset names may hold only letters, digits, '_' and '-'")
@@ -208,7 +223,8 @@ def _preset(name: str, raw: Any) -> Preset:
         value = raw.get(dim)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000):
             raise ConfigError(f"{path}.{dim}: expected a whole number of pixels from 1 to 10000, got {value!r}")
-    preset = _build(Preset, path, raw, name=name)
+    preset = _build(Preset, path, raw, name=name, **({} if "negotiate" in raw else {"negotiate": negotiate}))
+    _check_negotiate(f"{path}.negotiate", preset.negotiate)
     if preset.width is None and preset.height is None:
         raise ConfigError(f"{path}: needs a width, a height or both")
     if preset.fit not in FITS:
@@ -250,6 +266,7 @@ def _signing(raw: Any, environ: Mapping[str, str]) -> Signing:
         if not 1 <= getattr(signing, side) <= 10000:
             raise ConfigError(f"signing.{side}: expected a whole number of pixels from 1 to 10000")
     _check_quality_format("signing", signing.quality, signing.format)
+    _check_negotiate("signing.negotiate", signing.negotiate)
     return signing
 
 
@@ -279,7 +296,11 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
     presets_raw = _check_type("presets", raw.get("presets") or {}, dict)
     if not presets_raw:
         raise ConfigError("presets: at least one preset is required")
-    presets = {name: _preset(name, value) for name, value in presets_raw.items()}
+    encoding = _build(Encoding, "encoding", raw.get("encoding"))
+    if encoding.avif_speed > 10:
+        raise ConfigError(f"encoding.avif_speed: must be from 0 to 10, got {encoding.avif_speed!r}")
+    _check_negotiate("encoding.negotiate", encoding.negotiate)
+    presets = {name: _preset(name, value, encoding.negotiate) for name, value in presets_raw.items()}
 
     origins = list(_check_type("origins", raw.get("origins") or [], list))
     if environ.get("PHIZER_ORIGINS"):
@@ -314,9 +335,11 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
         origins=tuple(origins),
         memcached=memcached,
         limits=_build(Limits, "limits", raw.get("limits")),
-        encoding=_check_encoding(_build(Encoding, "encoding", raw.get("encoding"))),
+        encoding=_check_encoding(encoding),
         signing=_signing(raw.get("signing"), environ),
     )
+    # Ad-hoc sizes without an order of their own negotiate like a preset without one.
+    signing_order = {} if "negotiate" in (raw.get("signing") or {}) else {"negotiate": encoding.negotiate}
     # Presets (and ad-hoc sizes) without lifetimes of their own get the config's: decided once, here.
     inherit = {"cache_control": config.cache_control, "cache_valid": config.cache_valid}
 
@@ -327,7 +350,7 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
     return dataclasses.replace(
         config,
         presets={name: dataclasses.replace(preset, **lifetimes(preset)) for name, preset in presets.items()},
-        signing=dataclasses.replace(config.signing, **lifetimes(config.signing)),
+        signing=dataclasses.replace(config.signing, **lifetimes(config.signing), **signing_order),
     )
 
 

@@ -25,7 +25,7 @@ SCRIPT = """
 const imgs = [...document.querySelectorAll("img")];
 let done = 0;
 function finished(img) {
-  const cap = img.closest("figure").querySelector("figcaption .got");
+  const cap = img.closest("figure").querySelector(".info");  // the rest of the caption says what was asked
   img.dataset.natural = img.naturalWidth;
   // The same Accept as the browser's <img> requests, so the format shown is the one the image got.
   fetch(img.src, {method: "HEAD", headers: {Accept: "image/avif,image/webp,image/apng,image/*,*/*;q=0.8"}}).then(r => {
@@ -91,6 +91,15 @@ def describe(preset: Preset, background: str) -> str:
     return " ".join(words)
 
 
+def format_note(preset: Preset) -> str:
+    """How the preset picks its format: fixed, or "auto" with its negotiation order (the first one Accept lists)."""
+    if preset.format != "auto":
+        return preset.format
+    if not preset.negotiate:
+        return "auto: jpeg/png, never negotiated"
+    return f"auto: {' > '.join(preset.negotiate)} > jpeg/png"
+
+
 def page(config: Config, number: int) -> str:
     """The HTML of gallery page ``number`` (from 0)."""
     try:
@@ -105,11 +114,11 @@ def page(config: Config, number: int) -> str:
         figures = []
         for name, preset in config.presets.items():
             src = html.escape(f"/{name}/{urllib.parse.quote(key)}")
-            box = html.escape(describe(preset, config.encoding.background))
+            box = html.escape(f"{describe(preset, config.encoding.background)}, {format_note(preset)}")
             figures.append(
                 f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(key)} at {name}" '
                 f'data-preset="{name}" data-width="{preset.width or ""}" data-height="{preset.height or ""}"></a>'
-                f'<figcaption><b>{name}</b> ({box})<br><span class="got">loading\u2026</span></figcaption></figure>'
+                f"<figcaption><b>{name}</b> ({box})<br><span class='info'>loading\u2026</span></figcaption></figure>"
             )
         sections.append(f'<section><h2>{html.escape(key)}</h2><div class="row">{"".join(figures)}</div></section>')
     nav = []

@@ -4,11 +4,12 @@ Two things must change whenever a rendition's bytes may change, and only then: t
 revalidate with it) and nginx's cache key (else nginx keeps serving, or 304-revalidating, old bytes for
 ``cache_valid`` after a config change). Both come from here:
 
-- ``preset_fingerprints(config)``: per preset, a hash of its whole definition plus everything else that
-  changes output bytes: the encoder settings, the limits that turn an animation into a still, the pipeline's
-  version and the versions of Pillow and the codecs it links. nginx gets it as a template variable
-  (service/nginx_conf.py) and puts it in its cache key; after a change the old entries are never looked up
-  again and age out (``cache_inactive``).
+- ``preset_fingerprints(config)``: per preset, a hash of its whole definition (its negotiation order included)
+  and the AVIF quality it maps to, plus everything else that changes output bytes: the encoder settings (AVIF's
+  speed too), the limits that turn an animation into a still, the pipeline's version and the versions of Pillow,
+  the codecs it links and the AVIF plugin with its libavif and AV1 encoders. nginx gets it as a template variable
+  (service/nginx_conf.py) and puts it in its cache key; after a change the old entries are never looked up again
+  and age out (``cache_inactive``).
 - ``rendition_etag``: the fingerprint with the original's version (its digest, and the focal point its origin
   gave, which moves cover crops: origins.Original.version), the URL-forced format and the format token.
 
@@ -28,7 +29,9 @@ import hashlib
 import json
 
 import PIL
+import pillow_avif
 from PIL import features
+from pillow_avif import _avif
 
 from service.config import Config
 from service.presets import Preset
@@ -43,10 +46,12 @@ CACHE_LEVELS = (1, 2)
 
 @functools.cache
 def library_versions() -> dict[str, str | None]:
-    """Pillow and the codec libraries it was built against (an upgrade may change output bytes)."""
+    """Pillow and the codec libraries it was built against, and the AVIF plugin with the libavif and AV1 encoders
+    its wheel bundles (an upgrade of any may change output bytes)."""
     versions: dict[str, str | None] = {"pillow": PIL.__version__}
     for name in ("jpg", "libjpeg_turbo", "webp", "zlib", "littlecms2"):
         versions[name] = features.version(name)
+    versions.update(pillow_avif=pillow_avif.__version__, libavif=_avif.libavif_version, av1=_avif.codec_versions())
     return versions
 
 
@@ -68,6 +73,8 @@ def preset_fingerprint(config: Config, preset: Preset) -> str:
             "encoding": dataclasses.asdict(config.encoding),
             "animation_limits": [config.limits.max_frames, config.limits.max_animation_pixels],
             "preset": {name: value for name, value in definition.items() if name not in LIFETIME_FIELDS},
+            # The AVIF quality it encodes with: a recalibrated mapping (formats.AVIF_QUALITY) changes the bytes.
+            "avif_quality": preset.quality_for("avif"),
         }
     )
 

@@ -20,7 +20,7 @@ import jinja2
 
 from service.config import REPO_ROOT, Config, load_config
 from service.identity import CACHE_KEY, CACHE_LEVELS, adhoc_fingerprint, preset_fingerprints
-from service.presets import ADHOC, ADHOC_PATTERN, NEGOTIATED, SUFFIX_PATTERN
+from service.presets import ADHOC, ADHOC_PATTERN, NEGOTIABLE, SUFFIX_PATTERN, negotiation_rules, order_label
 
 TEMPLATE = REPO_ROOT / "nginx" / "nginx.conf.j2"
 UPSTREAM_MARGIN = 5  # seconds nginx waits for an instance beyond the app's request_timeout
@@ -28,29 +28,39 @@ UPSTREAM_MARGIN = 5  # seconds nginx waits for an instance beyond the app's requ
 
 def config_vars(config: Config) -> dict[str, Any]:
     """The template variables that follow from phizer's config: presets, URL rules and cache fingerprints."""
+    negotiating = {name: order_label(preset) for name, preset in config.presets.items() if order_label(preset)}
+    adhoc = config.signing.preset() if config.signing.keys else None
+    orders = {order_label(p): p.negotiate for p in [*config.presets.values(), *([adhoc] if adhoc else [])]}
     return {
         "presets": list(config.presets),
         "fingerprints": preset_fingerprints(config),
         "cache_key": CACHE_KEY.format(uri="$uri", token="$phizer_format", fingerprint="$phizer_fingerprint"),
         "cache_levels": ":".join(str(width) for width in CACHE_LEVELS),
-        "negotiating": [name for name, preset in config.presets.items() if preset.format == "auto"],
+        "negotiating": negotiating,
         "suffix_pattern": SUFFIX_PATTERN if config.encoding.url_format_suffix else "",
-        "negotiated": [[token, media_type, re.escape(media_type)] for token, media_type in NEGOTIATED],
+        # One regex per (order, token), each order's tokens in its order of preference: presets.format_token's rule.
+        "negotiation": [
+            [label, token, re.escape(media_type)]
+            for label, order in orders.items()
+            if label
+            for token, media_type in negotiation_rules(order)
+        ],
+        "negotiated": [[token, media_type] for token, media_type in NEGOTIABLE.items()],
         # nginx waits for an instance a little longer than the app's own deadline, never less: it must not give up
         # first (and mark the instance failed) while the app still works on an answer.
         "upstream_timeout": f"{math.ceil(config.limits.request_timeout) + UPSTREAM_MARGIN}s",
         # How long nginx keeps a 200 that does not say (the app sends X-Accel-Expires with each rendition's own).
         "cache_valid": f"{config.cache_valid}s",
         # Signed ad-hoc sizes (only with signing keys; never the keys): their path prefix, the pattern of the signed
-        # part (whose adhoc_key group is the original's key nginx hashes on), their fingerprint, and whether their
-        # format is negotiated.
+        # part (whose adhoc_key group is the original's key nginx hashes on), their fingerprint, and their
+        # negotiation order ("" when their format is fixed).
         "adhoc": {
             "prefix": ADHOC,
             "pattern": ADHOC_PATTERN,
             "fingerprint": adhoc_fingerprint(config),
-            "negotiates": int(config.signing.format == "auto"),
+            "order": order_label(adhoc),
         }
-        if config.signing.keys
+        if adhoc
         else {},
     }
 

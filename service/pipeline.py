@@ -55,6 +55,7 @@ from PIL import Image, ImageCms, ImageColor, ImageFile, ImageSequence
 from service.config import Encoding, Limits
 from service.errors import TooLarge, Unprocessable, UnsupportedMedia
 from service.formats import (
+    ALPHA_OUTPUTS,
     ANIMATED_OUTPUTS,
     ANIMATED_SOURCES,
     CONTENT_TYPES,
@@ -99,7 +100,7 @@ class Rendition:
     """One encoded output image."""
 
     body: bytes
-    format: str  # "jpeg" | "png" | "webp" | "gif"
+    format: str  # "jpeg" | "png" | "webp" | "gif" | "avif"
     content_type: str
     width: int
     height: int
@@ -112,7 +113,7 @@ class RenderContext:
     preset: Preset
     data: bytes  # the original's bytes (read again only by the decode-cost checks)
     forced_format: str | None  # from a URL suffix
-    negotiated: str  # the request's format token ("webp" or ""), see service/presets.py
+    negotiated: str  # the request's format token ("avif", "webp" or ""), see service/presets.py
     source: Image.Image  # opened, header read, not yet decoded: this render's own file object
     source_format: str  # "jpeg" | "png" | "webp" | "gif"
     orientation: int
@@ -339,7 +340,7 @@ def choose_output(ctx: RenderContext, transparent: bool) -> str:
 
 def flatten(im: Image.Image, fmt: str, transparent: bool, background: str) -> Image.Image:
     """Composite alpha onto ``background`` when the output has no alpha; drop an alpha that carries nothing."""
-    if im.mode not in ("LA", "RGBA") or (transparent and fmt in ("png", "webp", "gif")):
+    if im.mode not in ("LA", "RGBA") or (transparent and fmt in ALPHA_OUTPUTS):
         return im
     base_mode = im.mode[:-1]
     if not transparent:
@@ -384,9 +385,10 @@ class Pipeline:
     ) -> Rendition:
         """Render ``data`` (the original, whose content hash is ``digest``) at ``preset``.
 
-        ``negotiated`` is the request's format token (service/presets.py: "webp" when the client accepts it);
-        ``timings`` (if given) learns how long decoding, resizing and encoding took; ``focus`` is the origin's
-        focal point (x, y fractions of the upright image; Original.focus).
+        ``negotiated`` is the request's format token (service/presets.py: "avif" or "webp" when the client
+        accepts it and the preset's negotiation order allows it); ``timings`` (if given) learns how long decoding,
+        resizing and encoding took; ``focus`` is the origin's focal point (x, y fractions of the upright image;
+        Original.focus).
         """
         ctx = self.plan(data, preset, negotiated, forced_format, timings, focus)
         if ctx.frames and choose_output(ctx, True) in ANIMATED_OUTPUTS:

@@ -7,7 +7,7 @@ and every check of a client-supplied key live here, before any I/O happens.
 nginx must agree with these rules (its hash key picks the instance, its cache key the stored rendition), so the
 rules that nginx needs are data here, rendered into nginx's config by service/nginx_conf.py, never rewritten by
 hand: ``SUFFIX_PATTERN`` and ``ADHOC_PATTERN`` (regexes that Python's ``re`` and nginx's PCRE read alike) and
-``NEGOTIATED``.
+``negotiation_rules``.
 """
 
 from __future__ import annotations
@@ -18,25 +18,29 @@ from collections.abc import Mapping
 from typing import Any
 
 from service.errors import BadRequest, Forbidden, NotFound
+from service.formats import avif_quality
 from service.signature import verify
 
 FITS = ("contain", "cover", "pad")
 # Where a cover crop keeps its window (and a pad places the image), in the upright image's terms; "smart" picks the
 # most salient window (service/saliency.py). A focal point given by the origin overrides it.
 GRAVITIES = ("centre", "north", "south", "east", "west", "northeast", "northwest", "southeast", "southwest", "smart")
-# "auto" negotiates from Accept (WebP when the browser lists it); "source" keeps the original's format.
-FORMATS = ("auto", "source", "jpeg", "png", "webp", "gif")
+# "auto" negotiates from Accept (AVIF or WebP when the browser lists it); "source" keeps the original's format.
+FORMATS = ("auto", "source", "jpeg", "png", "webp", "gif", "avif")
 # URL suffixes that force an output format (see parse_path).
-SUFFIX_FORMATS = {"webp": "webp", "jpg": "jpeg", "jpeg": "jpeg", "png": "png", "gif": "gif"}
+SUFFIX_FORMATS = {"webp": "webp", "jpg": "jpeg", "jpeg": "jpeg", "png": "png", "gif": "gif", "avif": "avif"}
 _EXTENSIONS = "|".join(sorted(SUFFIX_FORMATS))
 # A key with a format suffix: the suffix counts only after the key's own image extension, so neither
 # ``photo.webp`` nor ``storm_2.5mp.jpg`` is misread. Matched case-insensitively against the whole key.
 SUFFIX_PATTERN = rf"(?P<sfx_key>.*\.(?:{_EXTENSIONS}))\.(?P<sfx_ext>{_EXTENSIONS})"
 _SUFFIX_RE = re.compile(SUFFIX_PATTERN, re.IGNORECASE | re.ASCII)  # ASCII case folding only, like nginx's ~*
-# Formats an "auto" preset negotiates, in order of preference: the token, and the media type that earns it
-# when the request's Accept header contains it (case-insensitively). The token is all of Accept that a
-# rendition depends on: nginx keys its cache on it and forwards only its media type.
-NEGOTIATED = (("webp", "image/webp"),)
+# Formats an "auto" preset may negotiate: the token, and the media type that earns it when the request's Accept
+# header contains it (case-insensitively; q-values and the header's own order are ignored: the server's order of
+# preference, ``Preset.negotiate``, decides). The token is all of Accept that a rendition depends on: nginx keys
+# its cache on it and forwards only its media type.
+NEGOTIABLE = {"avif": "image/avif", "webp": "image/webp"}
+# The order of preference when neither the preset nor config's ``encoding.negotiate`` gives one.
+DEFAULT_NEGOTIATE = ("avif", "webp")
 # Signed ad-hoc sizes: ``/_/<signature>/<W>x<H>[/<fit>[/<gravity>]]/<key>``, the signature over everything after
 # ``/_/<signature>/``. ADHOC is the path's first segment (never a preset name); ADHOC_PATTERN the signed part, read
 # alike by Python's ``re`` and nginx's PCRE (nginx hashes on its adhoc_key group). A segment after the size that is
@@ -70,10 +74,16 @@ class Preset:
     # rendition's identity: they do not change its bytes.
     cache_control: str | None = None
     cache_valid: int | None = None
+    # "auto" only: the formats offered, in order of preference, to a client whose Accept lists them (config's
+    # encoding.negotiate unless the preset has its own; () never negotiates, ("webp",) turns AVIF off).
+    negotiate: tuple[str, ...] = DEFAULT_NEGOTIATE
 
     def quality_for(self, fmt: str) -> int:
-        """The encoder quality for output format ``fmt`` (a per-format override, else the preset's)."""
-        return int(self.quality_by_format.get(fmt, self.quality))
+        """The encoder quality for output format ``fmt``: a per-format override, else the preset's own quality
+        (JPEG's scale), which AVIF reads through its calibration (formats.avif_quality)."""
+        if fmt in self.quality_by_format:
+            return int(self.quality_by_format[fmt])
+        return avif_quality(self.quality) if fmt == "avif" else self.quality
 
     def public(self) -> dict[str, Any]:
         """The definition as served by ``/presets.json`` (for srcset builders and tests)."""
@@ -84,6 +94,8 @@ class Preset:
             "upscale": self.upscale,
             "quality": self.quality,
             "format": self.format,
+            "quality_by_format": dict(self.quality_by_format),
+            "negotiate": list(self.negotiate),
             "gravity": self.gravity,
             "background": self.background,
             "cache_control": self.cache_control,
@@ -102,6 +114,7 @@ class Signing:
     format: str = "auto"
     cache_control: str | None = None  # as a preset's (default: the config's)
     cache_valid: int | None = None
+    negotiate: tuple[str, ...] = DEFAULT_NEGOTIATE  # as a preset's (default: config's encoding.negotiate)
 
     def preset(
         self, width: int | None = None, height: int | None = None, fit: str = "contain", gravity: str = "centre"
@@ -115,6 +128,7 @@ class Signing:
             gravity=gravity,
             quality=self.quality,
             format=self.format,
+            negotiate=self.negotiate,
             cache_control=self.cache_control,
             cache_valid=self.cache_valid,
         )
@@ -127,6 +141,7 @@ class Signing:
             "max_height": self.max_height,
             "quality": self.quality,
             "format": self.format,
+            "negotiate": list(self.negotiate),
             "cache_control": self.cache_control,
             "cache_valid": self.cache_valid,
         }
@@ -210,13 +225,26 @@ def parse_adhoc(path: str, signing: Signing, max_key_bytes: int) -> ImageRequest
 
 
 def negotiates(request: ImageRequest) -> bool:
-    """Whether the output format (hence the response) depends on Accept: only "auto" without a suffix does."""
-    return request.format is None and request.preset.format == "auto"
+    """Whether the output format (hence the response) depends on Accept: only "auto" without a suffix does, and
+    only when the preset offers some format."""
+    return request.format is None and request.preset.format == "auto" and bool(request.preset.negotiate)
 
 
 def format_token(request: ImageRequest, accept: str | None) -> str:
-    """The request's format token: the first ``NEGOTIATED`` format whose media type Accept lists, else ""."""
+    """The request's format token: the first format of the preset's order whose media type Accept lists, else ""."""
     if not negotiates(request):
         return ""
     accept = (accept or "").lower()
-    return next((token for token, media_type in NEGOTIATED if media_type in accept), "")
+    rules = negotiation_rules(request.preset.negotiate)
+    return next((token for token, media_type in rules if media_type in accept), "")
+
+
+def negotiation_rules(order: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(token, media type) in the order they are tried: ``format_token``'s rule, and nginx's (service/nginx_conf.py
+    renders one regex per row, per distinct order, so the two cannot disagree)."""
+    return [(token, NEGOTIABLE[token]) for token in order]
+
+
+def order_label(preset: Preset) -> str:
+    """The preset's negotiation order as nginx's ``$phizer_negotiates`` value ("avif,webp"; "" = none)."""
+    return ",".join(preset.negotiate) if preset.format == "auto" else ""

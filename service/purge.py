@@ -35,7 +35,7 @@ from service.cache import OriginalStore
 from service.config import Config
 from service.errors import BadRequest, PhizerError
 from service.identity import CACHE_KEY, CACHE_LEVELS, preset_fingerprints
-from service.presets import NEGOTIATED, SUFFIX_FORMATS, Preset, check_key, format_token, parse_path
+from service.presets import NEGOTIABLE, SUFFIX_FORMATS, Preset, check_key, format_token, parse_path
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def renditions(presets: Mapping[str, Preset], key: str, max_key_bytes: int, form
     """Every rendition of ``key``: each preset, plain and (``format_suffix``) with each format suffix that
     service/presets.py reads back as this key, each with every format token its request can get."""
     check_key(key, max_key_bytes)
-    accepts = ["", *(media_type for _, media_type in NEGOTIATED)]
+    accepts = ["", *NEGOTIABLE.values()]
     found: list[Rendition] = []
     for name in presets:
         paths = [f"/{name}/{key}"]

@@ -1,10 +1,11 @@
 """``phizer warm``: render every preset of some originals through nginx ahead of their first visitors.
 
-Each key gets one request per preset and format token (an Accept header that earns the token: WebP and not, for
-"auto" presets), the same list service/purge.py derives from service/presets.py's rules, for the presets the
-target itself serves (its ``/presets.json``). Keys are given, or listed from the first origin under a prefix
-(service.origins.list_keys). Requests go through nginx, so each rendition lands in its cache: the first visitor
-gets a HIT. A 503 (the host's render budget is full) is retried after its Retry-After.
+Each key gets one request per preset and format token (an Accept header that earns the token: AVIF, WebP and
+neither, as the preset's negotiation order allows, for "auto" presets), the same list service/purge.py derives
+from service/presets.py's rules, for the presets the target itself serves (its ``/presets.json``). Keys are given,
+or listed from the first origin under a prefix (service.origins.list_keys). Requests go through nginx, so each
+rendition lands in its cache: the first visitor gets a HIT. A 503 (the host's render budget is full) is retried
+after its Retry-After.
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ def served_presets(http: urllib3.PoolManager, url: str) -> dict[str, Preset]:
     if resp.status != 200:
         raise RuntimeError(f"{url}/presets.json answered {resp.status}")
     fields = {field.name for field in dataclasses.fields(Preset)}
-    return {
-        name: Preset(name=name, **{k: v for k, v in definition.items() if k in fields and k != "name"})
-        for name, definition in json.loads(resp.data).items()
-        if name != ADHOC
-    }
+    presets = {}
+    for name, definition in json.loads(resp.data).items():
+        if name == ADHOC:
+            continue
+        known = {k: v for k, v in definition.items() if k in fields and k != "name"}
+        if "negotiate" in known:  # a JSON list; the order is what decides the tokens to warm
+            known["negotiate"] = tuple(known["negotiate"])
+        presets[name] = Preset(name=name, **known)
+    return presets
 
 
 def warm_list(presets: dict[str, Preset], keys: Iterable[str], max_key_bytes: int) -> tuple[list[Rendition], int]:

@@ -26,8 +26,8 @@ from service.offload import make_spawn
 from service.pipeline import Pipeline
 
 CONFIG = load_config(environ={"PHIZER_ORIGINS": "file:///nonexistent"})
-# Every output form a request can ask for: negotiated without and with WebP, and each URL-forced format.
-FORMS = [("", None), ("webp", None), ("", "jpeg"), ("", "png"), ("", "webp"), ("", "gif")]
+# Every output form a request can ask for: negotiated to nothing, WebP or AVIF, and each URL-forced format.
+FORMS = [("", None), ("webp", None), ("avif", None), ("", "jpeg"), ("", "png"), ("", "webp"), ("", "gif"), ("", "avif")]
 
 
 def originals() -> dict[str, bytes]:

@@ -30,6 +30,6 @@ def test_concurrent_renders_equal_renders_alone(mode: str) -> None:
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"{mode}: {result['compared']} concurrent renders compared, {result['differed']} differed")
-    # 4 originals x 4 presets x 6 output forms, every repetition.
-    assert result["compared"] == REPETITIONS * 4 * 4 * 6
+    # 4 originals x 4 presets x 8 output forms, every repetition.
+    assert result["compared"] == REPETITIONS * 4 * 4 * 8
     assert result["differed"] == 0, result["examples"]

@@ -52,6 +52,10 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ({"origins": ["ftp://x"]}, "origins[0]"),
         ({"memcached": {"servers": ["nohost"]}}, "memcached.servers[0]"),
         ({"colour": "red"}, "colour: unknown key"),
+        ({"encoding": {"negotiate": ["jxl"]}}, "encoding.negotiate: 'jxl' cannot be negotiated"),
+        ({"encoding": {"negotiate": "avif"}}, "encoding.negotiate: expected list"),
+        ({"encoding": {"avif_speed": 11}}, "encoding.avif_speed: must be from 0 to 10"),
+        ({"presets": {"small": {"width": 3, "negotiate": ["webp", "webp"]}}}, "presets.small.negotiate: a format is"),
     ],
 )
 def test_mistakes_name_the_key(change: dict, message: str) -> None:
@@ -62,3 +66,11 @@ def test_mistakes_name_the_key(change: dict, message: str) -> None:
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml", environ={})
+
+
+def test_negotiation_order_global_and_per_preset() -> None:
+    """Presets take config's encoding.negotiate unless they give their own ([] = never negotiate)."""
+    assert parse_config(BASE, {}).presets["small"].negotiate == ("avif", "webp")
+    presets = {"small": {"width": 3}, "plain": {"width": 3, "negotiate": []}, "w": {"width": 3, "negotiate": ["webp"]}}
+    config = parse_config({**BASE, "presets": presets, "encoding": {"negotiate": ["webp", "avif"]}}, {})
+    assert [p.negotiate for p in config.presets.values()] == [("webp", "avif"), (), ("webp",)]

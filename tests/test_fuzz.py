@@ -514,8 +514,8 @@ def test_every_seed_renders_undamaged(seeds: dict[str, Seed]) -> None:
 @FUZZ_SETTINGS
 @given(
     preset=st.sampled_from(PRESETS),
-    negotiated=st.sampled_from(["", "webp"]),
-    forced=st.sampled_from([None, "jpeg", "png", "webp", "gif"]),
+    negotiated=st.sampled_from(["", "webp", "avif"]),
+    forced=st.sampled_from([None, "jpeg", "png", "webp", "gif", "avif"]),
     data=st.data(),
 )
 def test_damaged_original_renders_or_fails_cleanly(

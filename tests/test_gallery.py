@@ -63,7 +63,9 @@ def test_gallery_loads_every_rendition_in_chromium(stack: Stack, tmp_path: Path)
         assert int(fields["data-natural"]) == expected, (key, preset.name)
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", dom)
     assert captions and not any("loading" in caption for caption in captions)
-    assert all(re.search(r"\d+×\d+ · (webp|gif) · [\d.]+ KB", caption) for caption in captions)  # Chrome: WebP
+    # Chrome gets AVIF for stills (WebP for animations); each caption names the preset's negotiation order.
+    assert all(re.search(r"\d+×\d+ · (avif|webp|gif) · [\d.]+ KB", caption) for caption in captions), captions
+    assert all("auto: avif &gt; webp &gt; jpeg/png" in caption for caption in captions), captions
     shot = tmp_path / "gallery.png"
     chromium(tmp_path, f"--screenshot={shot}", stack.url + "/")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
@@ -87,4 +89,4 @@ def test_captions_describe_fit_gravity_and_background() -> None:
     }
     html = page(parse_config({"origins": [f"file://{REPO / 'samples'}"], "presets": presets}, {}), 0)
     for caption in ("150×150 cover smart", "200×100 pad on #000", "200×100 pad north on #ffffff", "320×auto contain"):
-        assert f"({caption})" in html
+        assert f"({caption}, auto: avif &gt; webp &gt; jpeg/png)" in html

@@ -4,10 +4,12 @@ negotiation, encoding, alpha, animation and every bad-input error class."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import io
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -21,17 +23,20 @@ from service.geometry import output_size
 from service.intermediates import Intermediate, IntermediateCache
 from service.pipeline import Pipeline
 from service.presets import Preset
-from tests.imaging import DEFAULT_CONFIG, corpus_files, decode, render
+from tests.imaging import DEFAULT_CONFIG, corpus_files, decode, psnr, render
+from tests.support import REPO
 
 PIPELINE = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
 SMALL = DEFAULT_CONFIG.presets["small"]
-# Per corpus file: (format, mode) without WebP in Accept, then the decoded mode of the WebP served with it.
+# Per corpus file and format token: the format served and its decoded mode.
 GOLDEN = {
-    "08_grey_4mp_grayscale.jpg": ("jpeg", "L", "RGB"),  # grayscale stays grayscale (WebP has no gray mode)
-    "12_kite_alpha.png": ("png", "RGBA", "RGBA"),
-    "14_sunset_anim.gif": ("gif", "P", "RGBA"),
+    # Grayscale stays grayscale (WebP has no gray mode; AVIF has, with libavif >= 1.3).
+    "08_grey_4mp_grayscale.jpg": {"": ("jpeg", "L"), "webp": ("webp", "RGB"), "avif": ("avif", "L")},
+    "12_kite_alpha.png": {"": ("png", "RGBA"), "webp": ("webp", "RGBA"), "avif": ("avif", "RGBA")},
+    # An animation stays one: an AVIF browser gets animated WebP.
+    "14_sunset_anim.gif": {"": ("gif", "P"), "webp": ("webp", "RGBA"), "avif": ("webp", "RGBA")},
 }
-DEFAULT_GOLDEN = ("jpeg", "RGB", "RGB")
+DEFAULT_GOLDEN = {"": ("jpeg", "RGB"), "webp": ("webp", "RGB"), "avif": ("avif", "RGB")}
 
 
 def save(im: Image.Image, fmt: str, **options: object) -> bytes:
@@ -46,7 +51,40 @@ def test_imported_pil_is_the_simd_build_with_the_codecs_we_need() -> None:
     assert ".post" in PIL.__version__, f"plain Pillow {PIL.__version__} replaced pillow-simd"
     for feature in ("jpg", "webp", "zlib", "littlecms2"):
         assert features.check(feature), f"pillow-simd was built without {feature}"
-    # AVIF would need libavif >= 1.0; Debian bookworm ships 0.11, so it is (knowingly) absent.
+    # AVIF would need libavif >= 1.0 in the build; Debian bookworm ships 0.11: it comes from pillow-avif-plugin.
+    assert Image.SAVE["AVIF"].__module__ == "pillow_avif.AvifImagePlugin"
+
+
+def test_avif_plugin_leaves_pillow_simd_in_place() -> None:
+    """pillow-avif-plugin must not bring plain Pillow (which would overwrite pillow-simd's PIL/): it declares no
+    Pillow dependency outside its test extra, the constraint against plain Pillow is still there, pip resolves the
+    plugin under it without an index, and no plain Pillow is installed."""
+    requires = importlib.metadata.requires("pillow-avif-plugin") or []
+    assert not [r for r in requires if r.lower().startswith("pillow") and "extra ==" not in r], requires
+    assert "pillow<0" in (REPO / "constraints.txt").read_text().splitlines()
+    version = importlib.metadata.version("pillow-avif-plugin")
+    pip = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "-c", str(REPO / "constraints.txt")]
+    resolved = subprocess.run([*pip, f"pillow-avif-plugin=={version}"], capture_output=True, text=True, timeout=120)
+    assert resolved.returncode == 0, resolved.stdout + resolved.stderr
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.distribution("pillow")
+
+
+def test_avif_encodes_and_decodes_with_the_plugin(corpus: Path) -> None:
+    """The AVIF rendition decodes (the plugin decodes too) to the preset's size and shows the JPEG's picture;
+    quality follows the preset (its JPEG-scale quality mapped to AVIF's, or a per-format override)."""
+    data = (corpus / "05_storm_2.5mp_baseline.jpg").read_bytes()
+    avif = render(PIPELINE, data, SMALL, negotiated="avif")
+    jpeg = decode(render(PIPELINE, data, SMALL).body).convert("RGB")
+    out = decode(avif.body)
+    assert (avif.format, avif.content_type, out.format, out.size) == ("avif", "image/avif", "AVIF", (320, 213))
+    assert psnr(out.convert("RGB"), jpeg) > 32
+    low = render(PIPELINE, data, dataclasses.replace(SMALL, quality_by_format={"avif": 20}), negotiated="avif")
+    assert len(low.body) < len(avif.body) / 2
+    forced = render(PIPELINE, data, SMALL, forced_format="avif")
+    assert forced.body == avif.body  # the suffix and the token give the same rendition
+    with pytest.raises(UnsupportedMedia):  # an output only: the plugin's decoder is not among ours
+        render(PIPELINE, avif.body, SMALL)
 
 
 def test_simd_build_uses_avx2_when_the_cpu_has_it() -> None:
@@ -64,19 +102,17 @@ def test_simd_build_uses_avx2_when_the_cpu_has_it() -> None:
     assert "%ymm" in listing, "pillow-simd was compiled without -mavx2 on an AVX2 CPU"
 
 
-@pytest.mark.parametrize("webp", [False, True], ids=["accept-default", "accept-webp"])
-def test_golden_geometry_format_and_mode(corpus: Path, webp: bool) -> None:
+@pytest.mark.parametrize("token", ["", "webp", "avif"], ids=["accept-default", "accept-webp", "accept-avif"])
+def test_golden_geometry_format_and_mode(corpus: Path, token: str) -> None:
     """Every corpus file x every default preset: exact size, negotiated format, pixel mode, frames."""
     for item in corpus_files(corpus):
         data = item.path.read_bytes()
-        fmt, mode, webp_mode = GOLDEN.get(item.path.name, DEFAULT_GOLDEN)
-        if webp:
-            fmt, mode = "webp", webp_mode
+        fmt, mode = GOLDEN.get(item.path.name, DEFAULT_GOLDEN)[token]
         for preset in DEFAULT_CONFIG.presets.values():
-            rendition = render(PIPELINE, data, preset, negotiated="webp" if webp else "")
+            rendition = render(PIPELINE, data, preset, negotiated=token)
             out = decode(rendition.body)
             size = output_size(*item.upright, preset)
-            where = (item.path.name, preset.name, webp)
+            where = (item.path.name, preset.name, token)
             assert (rendition.width, rendition.height) == size == out.size, where
             assert rendition.format == fmt and out.format == fmt.upper(), where
             assert rendition.content_type == f"image/{fmt}", where
@@ -97,6 +133,11 @@ def test_golden_geometry_format_and_mode(corpus: Path, webp: bool) -> None:
         (("png", True, False, "jpeg", None, "webp"), "jpeg"),
         (("jpeg", False, False, "auto", "png", "webp"), "png"),
         (("jpeg", False, False, "jpeg", "webp", ""), "webp"),
+        (("jpeg", False, False, "auto", None, "avif"), "avif"),
+        (("png", True, False, "auto", None, "avif"), "avif"),  # AVIF keeps alpha
+        (("gif", True, True, "auto", None, "avif"), "webp"),  # animations: AVIF browsers take animated WebP
+        (("jpeg", False, False, "avif", None, ""), "avif"),
+        (("gif", True, True, "auto", "avif", "webp"), "avif"),  # a forced AVIF of an animation is a still
     ],
 )
 def test_choose_format(args: tuple, expected: str) -> None:

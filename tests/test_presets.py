@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from service.errors import BadRequest, NotFound
-from service.presets import Preset, parse_path
+from service.formats import avif_quality
+from service.presets import Preset, format_token, negotiates, parse_path
 
 PRESETS = {"small": Preset(name="small", width=320)}
 
@@ -47,3 +48,42 @@ def test_key_length_counts_bytes_not_characters() -> None:
     parse("/small/" + "é" * 512)
     with pytest.raises(BadRequest, match="longer than 1024 bytes"):
         parse("/small/" + "é" * 513)
+
+
+CHROME = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
+SAFARI = "image/webp,image/avif,image/jxl,image/heic,image/heic-sequence,video/*;q=0.8,image/png,*/*;q=0.5"
+
+
+@pytest.mark.parametrize(
+    ("negotiate", "accept", "token"),
+    [
+        (("avif", "webp"), CHROME, "avif"),
+        (("avif", "webp"), SAFARI, "avif"),  # the server's order decides, not the header's
+        (("avif", "webp"), "image/webp,*/*", "webp"),
+        (("avif", "webp"), "*/*", ""),
+        (("avif", "webp"), None, ""),
+        (("webp",), CHROME, "webp"),  # AVIF turned off
+        (("webp", "avif"), CHROME, "webp"),
+        (("webp", "avif"), "image/AVIF", "avif"),
+        ((), CHROME, ""),  # never negotiates
+    ],
+)
+def test_format_token_follows_the_presets_order(negotiate: tuple[str, ...], accept: str | None, token: str) -> None:
+    presets = {"small": Preset(name="small", width=320, negotiate=negotiate)}
+    request = parse_path("/small/cat.jpg", presets, 1024)
+    assert format_token(request, accept) == token
+    assert negotiates(request) == bool(negotiate)
+
+
+def test_avif_suffix_forces_avif_and_negotiates_nothing() -> None:
+    request = parse("/small/cat.jpg.avif")
+    assert (request.key, request.format) == ("cat.jpg", "avif")
+    assert not negotiates(request) and format_token(request, CHROME) == ""
+
+
+def test_avif_quality_maps_the_presets_jpeg_scale_unless_overridden() -> None:
+    assert Preset("p", 10, quality=82).quality_for("avif") == avif_quality(82) < 82
+    assert Preset("p", 10, quality=82).quality_for("webp") == 82
+    assert Preset("p", 10, quality=82, quality_by_format={"avif": 50}).quality_for("avif") == 50
+    mapped = [avif_quality(q) for q in range(1, 101)]
+    assert mapped == sorted(mapped) and mapped[0] >= 1 and mapped[-1] == 100  # monotonic, never 0

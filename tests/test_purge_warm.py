@@ -36,11 +36,12 @@ from service.warm import _get
 from tests.support import AWS_ENV, REPO, VENV_BIN, CountingProxy, s3_client
 
 PRESETS = {
-    "thumb": {"width": 150, "height": 150, "fit": "cover"},
-    "small": {"width": 320},
+    "thumb": {"width": 150, "height": 150, "fit": "cover", "negotiate": ["webp"]},  # two tokens: WebP or none
+    "small": {"width": 320},  # three tokens: AVIF, WebP or none
     "fixed": {"width": 200, "format": "webp"},  # no format token: its format is never negotiated
 }
-WEBP = "image/avif,image/webp,*/*"
+WEBP = "image/webp,*/*"  # a browser with WebP but not AVIF
+AVIF = "image/avif,image/webp,*/*"
 JPEG = "image/jpeg,*/*;q=0.8"
 WARM_KEYS = [f"w/{i}.jpg" for i in range(3)]
 PHIZER = VENV_BIN / "phizer"
@@ -220,12 +221,12 @@ def test_admin_api_refuses_addresses_nginx_does_not_allow(stack: Stack, stack_b:
 def test_warm_renders_every_preset_and_token_then_all_hit(stack: Stack, config_path: Path) -> None:
     warmed = phizer("warm", "--prefix", "w/", "--url", stack.url, "--config", str(config_path), "--concurrency", "4")
     assert warmed.returncode == 0, warmed.stdout + warmed.stderr
-    todo = len(WARM_KEYS) * 5  # thumb and small: WebP and not; fixed: one
+    todo = len(WARM_KEYS) * 6  # thumb: WebP and not; small: AVIF, WebP and neither; fixed: one (/presets.json says)
     assert f"warmed {len(WARM_KEYS)} keys ({todo} renditions)" in warmed.stdout
     assert f"done: {todo} (MISS {todo})" in warmed.stdout and "errors: 0" in warmed.stdout
     for key in WARM_KEYS:
         for preset in PRESETS:
-            for accept in (WEBP, JPEG, ""):
+            for accept in (AVIF, WEBP, JPEG, ""):
                 response = get(stack, f"/{preset}/{key}", accept)
                 assert (response.status_code, response.headers["X-Cache-Status"]) == (200, "HIT"), (key, preset)
     assert get(stack, "/small/other.jpg").headers["X-Cache-Status"] == "MISS"  # not under the prefix
@@ -233,7 +234,7 @@ def test_warm_renders_every_preset_and_token_then_all_hit(stack: Stack, config_p
     again = phizer("warm", *WARM_KEYS, "--url", stack.url, "--no-progress")
     assert f"done: {todo} (HIT {todo})" in again.stdout
     missing = phizer("warm", "w/none.jpg", "--url", stack.url, "--no-progress")
-    assert missing.returncode == 1 and "errors: 5 (404: 5)" in missing.stdout
+    assert missing.returncode == 1 and "errors: 6 (404: 6)" in missing.stdout
 
 
 def test_warm_lists_s3_and_folder_origins(s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,9 +291,11 @@ def test_warm_retries_a_503_after_its_retry_after() -> None:
 def test_renditions_follow_the_url_rules() -> None:
     presets = load_config(environ={}).presets  # every bundled preset is "auto"
     paths = {(r.path, r.token) for r in renditions(presets, "a/b.jpg", 1024, format_suffix=True)}
-    assert ("/small/a/b.jpg", "webp") in paths and ("/small/a/b.jpg", "") in paths
+    assert {("/small/a/b.jpg", token) for token in ("avif", "webp", "")} <= paths
     assert ("/small/a/b.jpg.webp", "") in paths and ("/small/a/b.jpg.webp", "webp") not in paths
-    assert len(paths) == len(presets) * (2 + 10)  # two tokens; five suffixes, lower and upper case
+    assert len(paths) == len(presets) * (3 + 12)  # three tokens; six suffixes, lower and upper case
+    webp_only = {"small": dataclasses.replace(presets["small"], negotiate=("webp",))}
+    assert {r.token for r in renditions(webp_only, "a/b.jpg", 1024, format_suffix=False)} == {"webp", ""}
     plain = {r.path for r in renditions(presets, "a/b", 1024, format_suffix=True)}
     assert plain == {f"/{name}/a/b" for name in presets}  # no extension, no suffix forms
     suffix_only = {r.path for r in renditions(presets, "x.jpg.webp", 1024, format_suffix=True)}
@@ -310,6 +313,7 @@ def test_check_config_names_the_bad_key_or_prints_the_presets(tmp_path: Path) ->
     for name in PRESETS:
         assert f"\n  {name} " in checked.stdout
     assert "fit=cover" in checked.stdout and "format=webp" in checked.stdout
+    assert "format=auto[webp] " in checked.stdout and "format=auto[avif,webp] " in checked.stdout  # the orders
     assert "\n  max_pixels = 50000000\n" in checked.stdout
 
     bad = tmp_path / "bad.yaml"

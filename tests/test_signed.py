@@ -93,12 +93,15 @@ def test_phizer_sign_urls_render_at_their_size_and_are_cached(stack: Stack) -> N
 
 def test_format_is_negotiated_like_an_auto_preset(stack: Stack) -> None:
     (url,) = sign(stack, "150x", "photo.jpg")
-    webp = requests.get(url, headers=CHROME, timeout=30)
+    webp_only = {"Accept": "image/webp,*/*"}
+    avif = requests.get(url, headers=CHROME, timeout=30)
+    webp = requests.get(url, headers=webp_only, timeout=30)
     jpeg = requests.get(url, headers={"Accept": "*/*"}, timeout=30)
-    assert webp.headers["Content-Type"] == "image/webp" and jpeg.headers["Content-Type"] == "image/jpeg"
-    assert webp.headers["Vary"] == jpeg.headers["Vary"] == "Accept"
-    assert requests.get(url, headers=CHROME, timeout=30).headers["X-Cache-Status"] == "HIT"  # one entry per format
-    assert requests.get(url, headers={"Accept": "*/*"}, timeout=30).headers["X-Cache-Status"] == "HIT"
+    types = [resp.headers["Content-Type"] for resp in (avif, webp, jpeg)]
+    assert types == ["image/avif", "image/webp", "image/jpeg"]
+    assert avif.headers["Vary"] == webp.headers["Vary"] == jpeg.headers["Vary"] == "Accept"
+    for accept in (CHROME, webp_only, {"Accept": "*/*"}):  # one entry per format
+        assert requests.get(url, headers=accept, timeout=30).headers["X-Cache-Status"] == "HIT"
 
 
 def test_adhoc_sizes_land_on_the_instance_of_the_originals_presets(stack: Stack) -> None:

@@ -8,6 +8,7 @@ memcached and is left unsupervised so a test can take all its instances down (th
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import signal
 import threading
@@ -18,15 +19,24 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 
 from service.identity import preset_fingerprints
 from service.launcher import Stack
 from service.procs import free_port
+from tests.imaging import psnr
 from tests.support import AWS_ENV, CountingProxy, s3_client
 
 BUCKET = "stack"
 PRESETS = ("thumb", "small", "medium", "large")
-WEBP = "image/avif,image/webp,*/*"
+# Real browsers' Accept headers for images (Chrome, Firefox, Safari 17+): each lists AVIF, in its own order.
+CHROME = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
+FIREFOX = "image/avif,image/webp,image/png,image/svg+xml,image/*;q=0.8,*/*;q=0.5"
+SAFARI = (
+    "image/webp,image/avif,image/jxl,image/heic,image/heic-sequence,video/*;q=0.8,image/png,image/svg+xml,"
+    "image/*;q=0.8,*/*;q=0.5"
+)
+WEBP = "image/webp,*/*"  # a browser with WebP but not AVIF
 JPEG = "image/jpeg,image/png,*/*;q=0.8"
 
 
@@ -37,11 +47,12 @@ def origin(corpus: Path, s3_endpoint: str) -> Iterator[CountingProxy]:
     client.create_bucket(Bucket=BUCKET)
     small = (corpus / "16_storm_720_30k.jpg").read_bytes()
     big = (corpus / "05_storm_2.5mp_baseline.jpg").read_bytes()
-    keys = ["hit.jpg", "shared.jpg", "format.jpg", "down.jpg"]
+    keys = ["hit.jpg", "shared.jpg", "format.jpg", "down.jpg", "avif.jpg"]
     keys += [f"spread-{i:02d}.jpg" for i in range(24)] + [f"load-{i:03d}.jpg" for i in range(100)]
     for key in keys:
         client.put_object(Bucket=BUCKET, Key=key, Body=small)
     client.put_object(Bucket=BUCKET, Key="burst.jpg", Body=big)
+    client.put_object(Bucket=BUCKET, Key="anim.gif", Body=(corpus / "14_sunset_anim.gif").read_bytes())
     proxy = CountingProxy(upstream=s3_endpoint)
     yield proxy
     proxy.close()
@@ -129,20 +140,54 @@ def test_missing_key_reaches_the_origin_once_per_404_lifetime(stack: Stack, orig
 
 
 def test_accept_is_normalised_to_one_format_token(stack: Stack) -> None:
-    """Two cache entries per URL (WebP or not), whatever the exact Accept header; never one per header."""
+    """Three cache entries per URL (AVIF, WebP or neither), whatever the exact Accept header; never one per header:
+    Chrome, Firefox and Safari share the AVIF one, though each lists the formats in its own order."""
     path = "/small/format.jpg"
-    webp, jpeg = get(stack, path, WEBP), get(stack, path, JPEG)
+    avif, webp, jpeg = get(stack, path, CHROME), get(stack, path, WEBP), get(stack, path, "*/*")
+    assert (avif.headers["Content-Type"], avif.headers["X-Cache-Status"]) == ("image/avif", "MISS")
     assert (webp.headers["Content-Type"], webp.headers["X-Cache-Status"]) == ("image/webp", "MISS")
     assert (jpeg.headers["Content-Type"], jpeg.headers["X-Cache-Status"]) == ("image/jpeg", "MISS")
-    for accept, expected in [(WEBP, webp), (JPEG, jpeg), ("text/html, IMAGE/WebP;q=0.5", webp), (None, jpeg)]:
+    for accept, expected in [
+        (FIREFOX, avif),
+        (SAFARI, avif),
+        ("IMAGE/AVIF", avif),
+        (WEBP, webp),
+        ("text/html, IMAGE/WebP;q=0.5", webp),
+        (JPEG, jpeg),
+        (None, jpeg),
+    ]:
         again = get(stack, path, accept)
         assert again.headers["X-Cache-Status"] == "HIT", accept
         assert (again.headers["Content-Type"], again.content) == (expected.headers["Content-Type"], expected.content)
-    assert upstream_requests(stack, path) == 2
+    assert upstream_requests(stack, path) == 3
     fingerprint = preset_fingerprints(stack.config)["small"]
-    for token in ("webp", ""):  # nginx names a cache file by the md5 of its key, levels=1:2
+    for token in ("avif", "webp", ""):  # nginx names a cache file by the md5 of its key, levels=1:2
         digest = hashlib.md5(f"{path}|{token}|{fingerprint}".encode()).hexdigest()
         assert (stack.state_dir / "cache" / digest[-1] / digest[-3:-1] / digest).is_file(), token
+
+
+def test_avif_decodes_at_the_preset_size_and_looks_like_the_original(stack: Stack) -> None:
+    """Each browser's AVIF (decoded by pillow-avif-plugin, as the service imports it) has the preset's exact size
+    and the picture of the JPEG rendition; the URL suffix .avif forces AVIF whatever Accept says."""
+    for preset, size in [("thumb", (150, 150)), ("large", (720, 480))]:  # the original is 720x480
+        path = f"/{preset}/avif.jpg"
+        reference = Image.open(io.BytesIO(get(stack, path, "*/*").content)).convert("RGB")
+        for accept in (CHROME, FIREFOX, SAFARI):
+            response = get(stack, path, accept)
+            out = Image.open(io.BytesIO(response.content))
+            assert (out.format, out.size, response.headers["Vary"]) == ("AVIF", size, "Accept"), (path, accept)
+            assert psnr(out.convert("RGB"), reference) > 30, (path, accept)
+    suffixed = get(stack, "/small/avif.jpg.avif", "*/*")
+    assert suffixed.headers["Content-Type"] == "image/avif" and "Vary" not in suffixed.headers
+    assert Image.open(io.BytesIO(suffixed.content)).size == (320, 213)
+
+
+def test_animation_stays_animated_for_avif_browsers(stack: Stack) -> None:
+    """Our AVIF is a still: a browser that takes AVIF gets the animation as animated WebP (every AVIF browser
+    takes WebP), and GIF without either."""
+    for accept, fmt in [(CHROME, "WEBP"), (SAFARI, "WEBP"), ("*/*", "GIF")]:
+        out = Image.open(io.BytesIO(get(stack, "/small/anim.gif", accept).content))
+        assert (out.format, out.n_frames, out.size) == (fmt, 12, (320, 213)), accept
 
 
 def test_nginx_answers_wrong_paths_itself_in_one_line(stack: Stack) -> None:

@@ -10,10 +10,13 @@ same URL; the instance that answered must be the one a plain request for the par
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -23,12 +26,22 @@ from service.presets import format_token, parse_path
 from service.procs import free_port
 
 CHROME = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
+FIREFOX = "image/avif,image/webp,image/png,image/svg+xml,image/*;q=0.8,*/*;q=0.5"
+SAFARI = (
+    "image/webp,image/avif,image/jxl,image/heic,image/heic-sequence,video/*;q=0.8,image/png,image/svg+xml,"
+    "image/*;q=0.8,*/*;q=0.5"
+)
 ANY = "*/*"
+ACCEPTS = (CHROME, FIREFOX, SAFARI, "image/webp,*/*", "IMAGE/AVIF,*/*", ANY)
 PRESETS = {
-    "small": {"width": 320},
+    "small": {"width": 320},  # the global order: AVIF, then WebP
     "thumb": {"width": 150, "height": 150, "fit": "cover"},
     "fixed": {"width": 200, "format": "jpeg"},  # does not negotiate: never a format token
+    "webpfirst": {"width": 240, "negotiate": ["webp", "avif"]},  # its own order: AVIF only without WebP
+    "noavif": {"width": 260, "negotiate": ["webp"]},  # AVIF turned off
+    "never": {"width": 280, "negotiate": []},  # negotiates nothing: one rendition for every Accept
 }
+CONTENT_TYPES = {"avif": "image/avif", "webp": "image/webp", "": "image/jpeg"}
 # Raw request paths as a client sends them (percent-escaped), none of which exists in the origin.
 TABLE = [
     "/small/cat.jpg",
@@ -52,6 +65,14 @@ TABLE = [
     "/small/semi;colon,comma.png.jpg",
     "/fixed/plain.jpg",
     "/fixed/plain.jpg.webp",
+    "/small/cat.jpg.avif",
+    "/small/a/b/cat.PNG.AVIF",
+    "/webpfirst/cat.jpg",
+    "/webpfirst/cat.jpg.avif",
+    "/noavif/cat.jpg",
+    "/noavif/cat.jpg.jpg",
+    "/never/cat.jpg",
+    "/never/cat.png.webp",
 ]
 LOG_FIELDS = re.compile(r' fmt=(?P<fmt>\S*) key="(?P<key>(?:[^"\\]|\\.)*)" ')
 
@@ -63,11 +84,12 @@ def unescape_nginx_log(text: str) -> str:
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["suffix-on", "suffix-off"])
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("url-rules")
     config = state / "config.yaml"
     folder = state / "originals"
     folder.mkdir()
+    (folder / "real.jpg").write_bytes((corpus / "16_storm_720_30k.jpg").read_bytes())  # the only key that exists
     raw = {"origins": [f"file://{folder}"], "presets": PRESETS, "encoding": {"url_format_suffix": request.param}}
     config.write_text(yaml.safe_dump(raw))
     with Stack(state, port=free_port(), instances=3, env={"PHIZER_CONFIG": str(config)}) as started:
@@ -100,7 +122,7 @@ def test_nginx_and_the_app_read_every_url_alike(stack: Stack) -> None:
     config = stack.config
     instances = set()
     for path in TABLE:
-        for accept in (CHROME, ANY):
+        for accept in ACCEPTS:
             suffixes = config.encoding.url_format_suffix
             expected = parse_path(urllib.parse.unquote(path), config.presets, config.limits.max_key_bytes, suffixes)
             resp, body, (nginx_token, nginx_key) = fetch(stack, path, accept)
@@ -113,6 +135,31 @@ def test_nginx_and_the_app_read_every_url_alike(stack: Stack) -> None:
             assert instance == plain.getheader("X-Phizer-Instance"), where
             instances.add(instance)
     assert len(instances) > 1  # the table's keys spread over the instances, so "same instance" meant something
+
+
+def test_served_format_is_the_token(stack: Stack) -> None:
+    """For an original that exists, every preset's negotiation order and every Accept: nginx's token (its cache key)
+    is the app's, and the format served is the token's, so each cache entry holds what its key says."""
+    config = stack.config
+    for name in PRESETS:
+        request = parse_path(f"/{name}/real.jpg", config.presets, 1024, config.encoding.url_format_suffix)
+        for accept in ACCEPTS:
+            resp, _, (nginx_token, _) = fetch(stack, f"/{name}/real.jpg", accept)
+            token = format_token(request, accept)
+            assert nginx_token == token, (name, accept)
+            wanted = "image/jpeg" if name == "fixed" else CONTENT_TYPES[token]
+            assert (resp.status, resp.getheader("Content-Type")) == (200, wanted), (name, accept)
+    # Not vacuous: the orders differ. WebP for Chrome where AVIF is off, for Safari where WebP comes first.
+    noavif, webpfirst = (parse_path(f"/{name}/real.jpg", config.presets, 1024) for name in ("noavif", "webpfirst"))
+    assert (format_token(noavif, CHROME), format_token(webpfirst, SAFARI)) == ("webp", "webp")
+    assert (format_token(webpfirst, "IMAGE/AVIF,*/*"), format_token(noavif, "IMAGE/AVIF,*/*")) == ("avif", "")
+
+
+def test_presets_json_shows_each_negotiation_order(stack: Stack) -> None:
+    with urllib.request.urlopen(f"{stack.url}/presets.json", timeout=30) as resp:
+        served = json.load(resp)
+    orders = {name: definition["negotiate"] for name, definition in served.items()}
+    assert orders == {name: list(preset.get("negotiate", ["avif", "webp"])) for name, preset in PRESETS.items()}
 
 
 def test_table_rows_cover_suffixes_on_and_off(stack: Stack) -> None:
