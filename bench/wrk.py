@@ -27,6 +27,7 @@ class WrkResult:
     max_ms: float
     errors: int  # socket errors, timeouts and non-2xx/3xx answers
     exhausted: bool  # a thread ran out of distinct URLs before the time was up
+    mean_body_bytes: float  # mean response body size (URL-list runs only; 0 for a single URL)
 
     def as_dict(self) -> dict[str, float | int | bool]:
         return dataclasses.asdict(self)
@@ -79,4 +80,5 @@ def run_wrk(
         max_ms=raw["max_us"] / 1000,
         errors=sum(raw[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")),
         exhausted=bool(raw["threads_exhausted"]),
+        mean_body_bytes=round(raw["body_bytes"] / raw["requests"], 1) if raw["requests"] else 0.0,
     )
