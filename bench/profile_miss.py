@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import http.client
+import statistics
 import subprocess
 import sys
 import time
@@ -27,21 +28,23 @@ STATE = REPO_ROOT / "state" / "bench"
 PY_SPY = Path(sys.executable).with_name("py-spy")
 
 
-def _load(url: str, originals: Originals, seconds: float) -> list[float]:
-    """Sequential misses for ``seconds``, cycling through B5's cases over new names; each request's wall time."""
+def _load(url: str, originals: Originals, seconds: float) -> dict[str, list[float]]:
+    """Sequential misses for ``seconds``, cycling through B5's cases over new originals; wall times per case."""
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-    times, i, end = [], 0, time.monotonic() + seconds
+    times: dict[str, list[float]] = {f"{name} at {preset}": [] for name, preset in B5_CASES}
+    i, end = 0, time.monotonic() + seconds
     while time.monotonic() < end:
         name, preset = B5_CASES[i % len(B5_CASES)]
-        key = originals.key(f"profile/{time.time_ns()}", i % originals.pages, name)
+        # New content every time (a tagged copy): no per-instance intermediate or memcached entry can answer.
+        key = originals.fresh_key(f"profile/{time.time_ns()}/{name}", name)
         start = time.perf_counter()
         conn.request("GET", f"/{preset}/{key}")
         resp = conn.getresponse()
         resp.read()
         if resp.status != 200 or resp.getheader("X-Cache-Status") != "MISS":
             raise RuntimeError(f"{key}: {resp.status} {resp.getheader('X-Cache-Status')}")
-        times.append(time.perf_counter() - start)
+        times[f"{name} at {preset}"].append(time.perf_counter() - start)
         i += 1
     conn.close()
     return times
@@ -86,8 +89,9 @@ def main() -> int:
         times = _load(stack.url, originals, args.seconds - 2)
         spy.wait()
     total, own, cumulative = _tops(raw, args.top)
-    median_ms = sorted(times)[len(times) // 2] * 1000
-    print(f"{len(times)} misses, median {median_ms:.1f} ms; {total} samples of worker pid {worker}")
+    for case, walls in times.items():
+        print(f"{case}: {len(walls)} misses, median {statistics.median(walls) * 1000:.1f} ms")
+    print(f"{total} samples of worker pid {worker} ({args.rate}/s for {int(args.seconds)} s, idle excluded)")
     for title, rows in (("own", own), ("cumulative", cumulative)):
         print(f"\n| {title} samples | share | frame |\n|---|---|---|")
         for frame, n in rows:

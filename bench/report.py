@@ -68,31 +68,38 @@ def _paired_table(rows: list[dict[str, Any]], peer: str) -> list[str]:
     return out
 
 
-def _variants_section(title: str, data: dict[str, Any], note: str) -> list[str]:
-    """One row per variant (peer, format, settings): medians of the rounds for each side, side by side."""
+def _variants_section(
+    title: str, data: dict[str, Any], note: str, mean_bytes: dict[str, Any], presets: str
+) -> list[str]:
+    """One row per variant (peer, format, settings): medians of the rounds for each side, side by side.
+
+    ``mean_bytes`` is the check pass's (format -> presets -> side -> bytes); ``presets`` "all" or the one preset.
+    """
     lines = [
         f"## {title}", "", note, "",
         "| peer | format | settings | phizer req/s | peer req/s | ratio req/s | phizer p50 / p99 ms "
         "| peer p50 / p99 ms | ratio p99 | phizer CPU ms/req | peer CPU ms/req | phizer mean bytes | peer mean bytes "
-        "| bytes phizer/peer |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bytes phizer/peer | failed phizer / peer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in data["variants"]:
         a, b = v["medians"]["phizer"], v["medians"]["peer"]
-        bytes_ratio = round(a["mean_body_bytes"] / b["mean_body_bytes"], 3) if b["mean_body_bytes"] else "n/a"
+        sizes = mean_bytes.get(v["format"], {}).get(presets, {})
+        mine, theirs = sizes.get("phizer"), sizes.get(f"{v['peer']}-{'equal' if v['equal'] else 'defaults'}")
+        bytes_ratio = round(mine / theirs, 3) if mine and theirs else "n/a"
+        failed = [sum(r[side]["errors"] for r in v["rounds"]) for side in ("phizer", "peer")]
         lines.append(
-            f"| {v['peer']} | {v['format']} | {'equal' if v['equal'] else 'defaults'} | {a['rps']:.1f} "
-            f"| {b['rps']:.1f} | **{v['median_ratio']}** | {a['p50_ms']:.0f} / {a['p99_ms']:.0f} "
+            f"| {v['peer']} | {v['format']} | {'equal' if v['equal'] else 'defaults'} | {a['ok_rps']:.1f} "
+            f"| {b['ok_rps']:.1f} | **{v['median_ratio']}** | {a['p50_ms']:.0f} / {a['p99_ms']:.0f} "
             f"| {b['p50_ms']:.0f} / {b['p99_ms']:.0f} "
             f"| {v['median_p99_ratio']} | {a['cpu_ms_per_request']:.1f} | {b['cpu_ms_per_request']:.1f} "
-            f"| {a['mean_body_bytes']:.0f} | {b['mean_body_bytes']:.0f} | {bytes_ratio} |"
+            f"| {mine} | {theirs} | {bytes_ratio} | {failed[0]} / {failed[1]} |"
         )
-    lines += ["", "Medians of the rounds (each round's ratio is taken side by side; the ratio column is the median of "
-              "those). CPU: all processes of each side, from /proc (the peers' nginx included). Per-round figures: "
-              "latest.json."]
-    errors = sum(v["errors"] for v in data["variants"])
-    if errors:
-        lines.append(f"**{errors} failed requests** (socket errors, timeouts or non-2xx) in these runs.")
+    lines += ["", "req/s counts successful answers only (a 503 from phizer's render budget is not work done). Medians "
+              "of the rounds; the ratio columns are medians of each round's side-by-side ratio. CPU: all processes "
+              "of each side, from /proc (the peers' nginx included). Mean bytes: every image at each of this "
+              "scenario's presets once on each side, from the check pass: the same renditions everywhere. "
+              "Per-round figures: latest.json."]
     if any(v["exhausted"] for v in data["variants"]):
         lines.append("**A run ran out of distinct URLs** before its time was up: raise `--pages`.")
     return [*lines, ""]
@@ -167,12 +174,16 @@ def markdown(results: dict[str, Any]) -> str:
             results["b2"],
             f"Every corpus image at every preset ({', '.join(results['b2']['presets'])}), shuffled page by page, "
             f"each URL once. {settings_note}",
+            results.get("formats", {}).get("mean_bytes", {}),
+            "all",
         )
     if "b3" in results:
         lines += _variants_section(
             "B3 single-preset misses",
             results["b3"],
             f"Distinct originals, each once, at preset `{results['b3']['preset']}`, JPEG. {settings_note}",
+            results.get("formats", {}).get("mean_bytes", {}),
+            results["b3"]["preset"],
         )
     if "b7" in results:
         b7 = results["b7"]
@@ -190,8 +201,10 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|" + "---|" * (2 * len(sides) - 1),
         ]
         for r in b7["rounds"]:
-            lines.append(f"| {r['round']} | " + " | ".join(str(r[s]["load_ms"]) for s in sides)
-                         + "".join(f" | {r['ratio_' + p]}" for p in sides[1:]) + " |")
+            shown = [f"{r[s]['load_ms']}" + ("" if r[s]["decoded"] == b7["page_size"] else
+                                              f" ({b7['page_size'] - r[s]['decoded']} images failed)") for s in sides]
+            lines.append(f"| {r['round']} | " + " | ".join(shown) + "".join(f" | {r['ratio_' + p]}" for p in sides[1:])
+                         + " |")
         lines += ["", "Median ratio: " + ", ".join(f"**{v}x** vs {p}" for p, v in b7["median_ratio"].items()) + ".", ""]
     if "b4" in results:
         b4 = results["b4"]

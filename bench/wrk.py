@@ -21,6 +21,7 @@ class WrkResult:
     requests: int
     seconds: float
     rps: float
+    ok_rps: float  # successful (2xx/3xx) answers per second: a fast 503 must not count as work done
     p50_ms: float
     p90_ms: float
     p99_ms: float
@@ -74,6 +75,7 @@ def run_wrk(
         requests=raw["requests"],
         seconds=round(seconds, 3),
         rps=round(raw["requests"] / seconds, 1) if seconds else 0.0,
+        ok_rps=round((raw["requests"] - raw["status_errors"]) / seconds, 1) if seconds else 0.0,
         p50_ms=raw["p50_us"] / 1000,
         p90_ms=raw["p90_us"] / 1000,
         p99_ms=raw["p99_us"] / 1000,
