@@ -96,10 +96,10 @@ def _variants_section(
             f"| {mine} | {theirs} | {bytes_ratio} | {failed[0]} / {failed[1]} |"
         )
     lines += ["", "req/s counts successful answers only (a 503 from phizer's render budget is not work done). Medians "
-              "of the rounds; the ratio columns are medians of each round's side-by-side ratio. CPU: all processes "
-              "of each side, from /proc (the peers' nginx included). Mean bytes: every image at each of this "
-              "scenario's presets once on each side, from the check pass: the same renditions everywhere. "
-              "Per-round figures: latest.json."]
+              "of the rounds; the ratio columns are medians of each round's side-by-side ratio. CPU per successful "
+              "answer: all processes of each side, from /proc (the peers' nginx included). Mean bytes: every image "
+              "at each of this scenario's presets once on each side, from the check pass: the same renditions "
+              "everywhere. Per-round figures: latest.json."]
     if any(v["exhausted"] for v in data["variants"]):
         lines.append("**A run ran out of distinct URLs** before its time was up: raise `--pages`.")
     return [*lines, ""]

@@ -19,6 +19,7 @@ class WrkResult:
     """One wrk run, reduced to what the report shows."""
 
     requests: int
+    ok_requests: int  # answered 2xx/3xx
     seconds: float
     rps: float
     ok_rps: float  # successful (2xx/3xx) answers per second: a fast 503 must not count as work done
@@ -73,6 +74,7 @@ def run_wrk(
     seconds = raw["duration_us"] / 1e6
     return WrkResult(
         requests=raw["requests"],
+        ok_requests=raw["requests"] - raw["status_errors"],
         seconds=round(seconds, 3),
         rps=round(raw["requests"] / seconds, 1) if seconds else 0.0,
         ok_rps=round((raw["requests"] - raw["status_errors"]) / seconds, 1) if seconds else 0.0,
