@@ -79,14 +79,15 @@ def _variants_section(
         f"## {title}", "", note, "",
         "| peer | format | settings | phizer req/s | peer req/s | ratio req/s | phizer p50 / p99 ms "
         "| peer p50 / p99 ms | ratio p99 | phizer CPU ms/req | peer CPU ms/req | phizer mean bytes | peer mean bytes "
-        "| bytes phizer/peer | failed phizer / peer |",
+        "| bytes phizer/peer (median per rendition) | failed phizer / peer |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in data["variants"]:
         a, b = v["medians"]["phizer"], v["medians"]["peer"]
         sizes = mean_bytes.get(v["format"], {}).get(presets, {})
-        mine, theirs = sizes.get("phizer"), sizes.get(f"{v['peer']}-{'equal' if v['equal'] else 'defaults'}")
-        bytes_ratio = round(mine / theirs, 3) if mine and theirs else "n/a"
+        side = f"{v['peer']}-{'equal' if v['equal'] else 'defaults'}"
+        mine, theirs = sizes.get("phizer"), sizes.get(side)
+        bytes_ratio = f"{round(mine / theirs, 3)} ({sizes[f'median_ratio_{side}']})" if mine and theirs else "n/a"
         failed = [sum(r[side]["errors"] for r in v["rounds"]) for side in ("phizer", "peer")]
         lines.append(
             f"| {v['peer']} | {v['format']} | {'equal' if v['equal'] else 'defaults'} | {a['ok_rps']:.1f} "

@@ -197,8 +197,13 @@ def check_formats(bench: Bench) -> dict[str, Any]:
                 sizes.append(row)
     sides = [side for side in sizes[0] if side not in ("name", "preset", "format")]
 
-    def means(rows: list[dict[str, Any]]) -> dict[str, int]:
-        return {side: round(statistics.mean(row[side] for row in rows)) for side in sides}
+    def means(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Mean bytes per side, and the median over renditions of phizer's bytes / the side's (one outlier, such
+        as a peer keeping a CMYK JPEG as CMYK at 15x the bytes, moves the mean but not this)."""
+        return {side: round(statistics.mean(row[side] for row in rows)) for side in sides} | {
+            f"median_ratio_{side}": round(statistics.median(row["phizer"] / max(1, row[side]) for row in rows), 3)
+            for side in sides if side != "phizer"
+        }
 
     mean_bytes = {
         fmt: {p: means([row for row in sizes if row["format"] == fmt and p in ("all", row["preset"])])
