@@ -163,9 +163,11 @@ def markdown(results: dict[str, Any]) -> str:
             f"`{b1['url']}` ({b1['bytes']} bytes, X-Cache-Status {b1['cache_statuses'][-1]}) through phizer's "
             f"nginx vs the same bytes as a file from nginx; {b1['connections']} connections.",
         )
+    webp_method = results["settings"].get("phizer_webp_method")
     settings_note = (
-        "Settings `equal`: the peer gets phizer's preset quality (JPEG and WebP at libwebp's method/effort 4 on every "
-        "side); `defaults`: the peer at its own default quality (thumbor 80, sharp 80), phizer unchanged. phizer is "
+        f"Settings `equal`: the peer gets phizer's preset quality (WebP: phizer at libwebp method {webp_method}, "
+        "thumbor's Pillow and sharp at their default 4: the bytes columns show any difference that makes); "
+        "`defaults`: the peer at its own default quality (thumbor 80, sharp 80), phizer unchanged. phizer is "
         "asked with a format suffix (`/small/<key>.webp`), the peers with their format option; all misses, every "
         "side behind an nginx that stores what it answers."
     )

@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             "pages": args.pages, "cpus": sorted(cpus), "instances": len(cpus),
             "thumbor_version": _thumbor_version(), "ipx_versions": _ipx_versions(),
             "peers": peer_names, "formats": formats, "settings": ["equal" if e else "defaults" for e in settings],
+            "phizer_webp_method": load_config(
+                environ={**os.environ, "PHIZER_ORIGINS": "file:///"}).encoding.webp_method,
         },
     }
     print(f"bench: preparing {args.pages} copies of the corpus under {STATE / 'originals'}", flush=True)
