@@ -11,12 +11,16 @@ THUMBOR_STAMP := $(THUMBOR_VENV)/.installed
 # (binutils: objdump, with which a test checks pillow-simd's AVX2 code; wrk: the bench and its smoke test.)
 APT_PACKAGES := nginx-light memcached debootstrap gcc binutils python3-dev python3-venv wrk \
                 zlib1g-dev libjpeg62-turbo-dev libwebp-dev liblcms2-dev libtiff-dev libopenjp2-7-dev chromium
+# Debian packages only the bench's peers need (ipx runs on Node): installed like APT_PACKAGES, when absent.
+BENCH_APT_PACKAGES := nodejs npm
+IPX_DIR       := bench/ipx
+IPX_STAMP     := $(IPX_DIR)/node_modules/.installed
 PILLOW_SIMD := $(shell grep -i '^pillow-simd==' requirements.txt)
 # Plain Pillow must never replace pillow-simd: keep the machine's own constraints and add ours.
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt $(wildcard /etc/xdg/pip/constraints.txt)
 AVX2 := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo 1)
 
-.PHONY: run test bench soak deploy lint system-deps install clean
+.PHONY: run test bench soak deploy lint system-deps bench-deps install clean
 
 run: install
 	$(VENV)/bin/phizer run
@@ -25,7 +29,7 @@ test: install
 	$(VPY) -m ruff check service tests bench
 	$(VPY) -m pytest
 
-bench: install $(THUMBOR_STAMP)
+bench: install $(THUMBOR_STAMP) $(IPX_STAMP)
 	$(VPY) -m bench.run
 
 # Ten minutes of mixed traffic (hits, misses, 404s, hostile files, bursts beyond the render budget) through the real
@@ -38,6 +42,14 @@ soak: install $(THUMBOR_STAMP)
 $(THUMBOR_STAMP): bench/requirements-thumbor.txt
 	$(PYTHON) -m venv $(THUMBOR_VENV)
 	PIP_CONSTRAINT="$(wildcard /etc/xdg/pip/constraints.txt)" $(THUMBOR_VENV)/bin/pip install -q -r bench/requirements-thumbor.txt
+	touch $@
+
+bench-deps:
+	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(BENCH_APT_PACKAGES)"
+
+# The bench's libvips peer: ipx with sharp (libvips inside sharp's prebuilt npm packages), as package-lock.json pins.
+$(IPX_STAMP): $(IPX_DIR)/package.json $(IPX_DIR)/package-lock.json | bench-deps
+	cd $(IPX_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 # `make deploy INVENTORY=ansible/inventories/<yours>` (see ansible/inventories/example); ANSIBLE_ARGS passes
@@ -75,4 +87,4 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(THUMBOR_VENV) state
+	rm -rf $(VENV) $(THUMBOR_VENV) $(IPX_DIR)/node_modules state

@@ -21,20 +21,23 @@ def main(source: str, target: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
 
     ax = axes[0]
-    paired = [(k, label) for k, label in (("b1", "B1 hit/static"), ("b2", "B2 page mix"), ("b3", "B3 one preset"))
-              if k in results]
+    # One bar series per comparison: B1, and each B2/B3 variant at equal encoder settings.
+    paired = [("B1 hit/static", results["b1"]["rounds"])] if "b1" in results else []
+    for key, label in (("b2", "B2"), ("b3", "B3")):
+        paired += [(f"{label} {v['peer']} {v['format']}", v["rounds"])
+                   for v in results.get(key, {}).get("variants", []) if v["equal"]]
     width = 0.8 / max(1, len(paired))
-    for i, (key, label) in enumerate(paired):
-        ratios = [r["ratio"] for r in results[key]["rounds"]]
+    for i, (label, rows) in enumerate(paired):
+        ratios = [r["ratio"] for r in rows]
         ax.bar([x + i * width for x in range(len(ratios))], ratios, width, label=label)
-    rounds = max((len(results[key]["rounds"]) for key, _ in paired), default=0)
+    rounds = max((len(rows) for _, rows in paired), default=0)
     ax.set_xticks([x + width * (len(paired) - 1) / 2 for x in range(rounds)], [str(r + 1) for r in range(rounds)])
     for level, style in ((0.9, ":"), (1.2, "--"), (2.0, "-.")):
         ax.axhline(level, color="grey", linestyle=style, linewidth=0.8)
     ax.set_xlabel("round")
     ax.set_ylabel("throughput ratio phizer / peer")
-    ax.set_title("Paired scenarios (targets: 0.9, 1.2, 2.0)")
-    ax.legend()
+    ax.set_title("Paired scenarios, equal settings (targets: 0.9, 1.2, 2.0)")
+    ax.legend(fontsize="small")
 
     ax = axes[1]
     if "b6" in results:

@@ -55,6 +55,14 @@ class Originals:
             os.link(self.pool_path(page, name), target)
         return f"{prefix}/{page}/{name}"
 
+    def fresh_key(self, key: str, name: str) -> str:
+        """Original ``name`` under ``key`` with content no cache has seen: a copy tagged with the key, not a link."""
+        target = self.root / key
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.sources[name].read_bytes() + f"\0phizer-bench {key}".encode())
+        return key
+
     def page(self, prefix: str, page: int) -> list[str]:
         """Every corpus image once (one web page's worth of distinct originals), under fresh keys."""
         return [self.key(prefix, page, name) for name in self.names]

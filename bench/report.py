@@ -26,19 +26,26 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "b1" in results:
         ratio = results["b1"]["median_ratio"]
         add("B1 cache hit vs nginx static", ">= 0.9x", f"{ratio}x", ratio >= 0.9)
-    if "b2" in results:
-        ratio, p99 = results["b2"]["median_ratio"], results["b2"]["median_p99_ratio"]
-        add("B2 page mix throughput vs thumbor", ">= 2.0x", f"{ratio}x", ratio >= 2.0)
-        add("B2 p99 vs thumbor", "not worse (<= 1.0x)", f"{p99}x", p99 <= 1.0)
-    if "b3" in results:
-        ratio = results["b3"]["median_ratio"]
-        add("B3 single-preset misses vs thumbor", ">= 1.2x", f"{ratio}x", ratio >= 1.2)
+    goals = {("b2", "thumbor"): 2.0, ("b2", "ipx"): 1.8, ("b3", "thumbor"): 1.3, ("b3", "ipx"): 1.2}
+    for scenario, title in (("b2", "B2 page mix"), ("b3", "B3 single-preset misses")):
+        for v in results.get(scenario, {}).get("variants", []):
+            goal = goals.get((scenario, v["peer"]))
+            if not v["equal"] or goal is None:
+                continue
+            name = f"{title} vs {v['peer']}, {v['format'].upper()}, equal settings"
+            add(name, f">= {goal}x", f"{v['median_ratio']}x", v["median_ratio"] >= goal)
+            if scenario == "b2":
+                p99 = v["median_p99_ratio"]
+                add(f"{name}: p99", "not worse (<= 1.0x)", f"{p99}x", p99 <= 1.0)
     if "b4" in results:
         ratio = results["b4"]["median_ratio"]
         add("B4 cold page vs 200 ms + CPU/cores", "<= 1.3x", f"{ratio}x", ratio <= 1.3)
     if "b5" in results:
         worst = results["b5"]["max_median_overhead"]
         add("B5 stack overhead vs in-process", "<= 15%", f"{worst * 100:.1f}%", worst <= 0.15)
+    if "b7" in results:
+        for peer, ratio in results["b7"]["median_ratio"].items():
+            add(f"B7 cold page in Chromium vs {peer}", "<= 0.75x", f"{ratio}x", ratio <= 0.75)
     if "memory" in results:
         rss = results["memory"]["max_instance_rss_mb"]
         add("RSS per instance after the run", "<= 300 MB", f"{rss} MB", rss <= 300)
@@ -59,6 +66,44 @@ def _paired_table(rows: list[dict[str, Any]], peer: str) -> list[str]:
             f"| {r['ratio']} | {r['p99_ratio']} | {r['cpu_ratio']} |"
         )
     return out
+
+
+def _variants_section(
+    title: str, data: dict[str, Any], note: str, mean_bytes: dict[str, Any], presets: str
+) -> list[str]:
+    """One row per variant (peer, format, settings): medians of the rounds for each side, side by side.
+
+    ``mean_bytes`` is the check pass's (format -> presets -> side -> bytes); ``presets`` "all" or the one preset.
+    """
+    lines = [
+        f"## {title}", "", note, "",
+        "| peer | format | settings | phizer req/s | peer req/s | ratio req/s | phizer p50 / p99 ms "
+        "| peer p50 / p99 ms | ratio p99 | phizer CPU ms/req | peer CPU ms/req | phizer mean bytes | peer mean bytes "
+        "| bytes phizer/peer (median per rendition) | failed phizer / peer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in data["variants"]:
+        a, b = v["medians"]["phizer"], v["medians"]["peer"]
+        sizes = mean_bytes.get(v["format"], {}).get(presets, {})
+        side = f"{v['peer']}-{'equal' if v['equal'] else 'defaults'}"
+        mine, theirs = sizes.get("phizer"), sizes.get(side)
+        bytes_ratio = f"{round(mine / theirs, 3)} ({sizes[f'median_ratio_{side}']})" if mine and theirs else "n/a"
+        failed = [sum(r[side]["errors"] for r in v["rounds"]) for side in ("phizer", "peer")]
+        lines.append(
+            f"| {v['peer']} | {v['format']} | {'equal' if v['equal'] else 'defaults'} | {a['ok_rps']:.1f} "
+            f"| {b['ok_rps']:.1f} | **{v['median_ratio']}** | {a['p50_ms']:.0f} / {a['p99_ms']:.0f} "
+            f"| {b['p50_ms']:.0f} / {b['p99_ms']:.0f} "
+            f"| {v['median_p99_ratio']} | {a['cpu_ms_per_request']:.1f} | {b['cpu_ms_per_request']:.1f} "
+            f"| {mine} | {theirs} | {bytes_ratio} | {failed[0]} / {failed[1]} |"
+        )
+    lines += ["", "req/s counts successful answers only (a 503 from phizer's render budget is not work done). Medians "
+              "of the rounds; the ratio columns are medians of each round's side-by-side ratio. CPU per successful "
+              "answer: all processes of each side, from /proc (the peers' nginx included). Mean bytes: every image "
+              "at each of this scenario's presets once on each side, from the check pass: the same renditions "
+              "everywhere. Per-round figures: latest.json."]
+    if any(v["exhausted"] for v in data["variants"]):
+        lines.append("**A run ran out of distinct URLs** before its time was up: raise `--pages`.")
+    return [*lines, ""]
 
 
 def _paired_section(title: str, data: dict[str, Any], peer: str, note: str) -> list[str]:
@@ -87,7 +132,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"Python {m['python']}; pillow-simd {m['pillow_simd_version']} built with AVX2: {m['pillow_simd_avx2']}. "
         f"Both sides pinned to CPUs {s['cpus']} with {s['instances']} processes each (phizer: gunicorn+gevent "
         f"instances behind nginx; thumbor {s['thumbor_version']}: single-process servers behind nginx, "
-        f"least_conn); wrk shares the same cores. {s['rounds']} rounds of {s['duration_s']:g} s per side (B1: 5 s), "
+        f"least_conn; ipx {s['ipx_versions']['ipx']} (sharp {s['ipx_versions']['sharp']}, libvips "
+        f"{s['ipx_versions']['libvips']}): one Node process behind nginx); wrk shares the same cores. "
+        f"{s['rounds']} rounds of {s['duration_s']:g} s per side (B1: 5 s), "
         f"{s['connections']} connections, sides alternating. Load average (1/5/15 min) at start "
         f"{m['load_average_at_start']}, at end {m.get('load_average_at_end')}: anything above 0 is other work "
         "sharing these cores.",
@@ -116,22 +163,52 @@ def markdown(results: dict[str, Any]) -> str:
             f"`{b1['url']}` ({b1['bytes']} bytes, X-Cache-Status {b1['cache_statuses'][-1]}) through phizer's "
             f"nginx vs the same bytes as a file from nginx; {b1['connections']} connections.",
         )
+    webp_method = results["settings"].get("phizer_webp_method")
+    settings_note = (
+        f"Settings `equal`: the peer gets phizer's preset quality (WebP: phizer at libwebp method {webp_method}, "
+        "thumbor's Pillow and sharp at their default 4: the bytes columns show any difference that makes); "
+        "`defaults`: the peer at its own default quality (thumbor 80, sharp 80), phizer unchanged. phizer is "
+        "asked with a format suffix (`/small/<key>.webp`), the peers with their format option; all misses, every "
+        "side behind an nginx that stores what it answers."
+    )
     if "b2" in results:
-        lines += _paired_section(
+        lines += _variants_section(
             "B2 page mix, all misses",
             results["b2"],
-            "thumbor",
             f"Every corpus image at every preset ({', '.join(results['b2']['presets'])}), shuffled page by page, "
-            "each URL once; thumbor with the file loader over the same folder, original storage on, no result "
-            "storage; both asked for the same output format.",
+            f"each URL once. {settings_note}",
+            results.get("formats", {}).get("mean_bytes", {}),
+            "all",
         )
     if "b3" in results:
-        lines += _paired_section(
+        lines += _variants_section(
             "B3 single-preset misses",
             results["b3"],
-            "thumbor",
-            f"Distinct originals, each once, at preset `{results['b3']['preset']}`.",
+            f"Distinct originals, each once, at preset `{results['b3']['preset']}`, JPEG. {settings_note}",
+            results.get("formats", {}).get("mean_bytes", {}),
+            results["b3"]["preset"],
         )
+    if "b7" in results:
+        b7 = results["b7"]
+        sides = b7["sides"]
+        lines += [
+            "## B7 cold page in headless Chromium",
+            "",
+            f"A page of {b7['page_size']} `{b7['preset']}` thumbnails of distinct originals (content no cache has "
+            "seen, under new names), opened in Debian's Chromium (headless, fresh profile each time, HTTP/1.1: 6 "
+            "connections per host); the time is the page's own load event (all images loaded, from navigation "
+            "start). phizer negotiates WebP from Chromium's Accept; the peers are asked for WebP at the same quality.",
+            "",
+            "| round | " + " | ".join(f"{s} load ms" for s in sides)
+            + "".join(f" | phizer/{p}" for p in sides[1:]) + " |",
+            "|---|" + "---|" * (2 * len(sides) - 1),
+        ]
+        for r in b7["rounds"]:
+            shown = [f"{r[s]['load_ms']}" + ("" if r[s]["decoded"] == b7["page_size"] else
+                                              f" ({b7['page_size'] - r[s]['decoded']} images failed)") for s in sides]
+            lines.append(f"| {r['round']} | " + " | ".join(shown) + "".join(f" | {r['ratio_' + p]}" for p in sides[1:])
+                         + " |")
+        lines += ["", "Median ratio: " + ", ".join(f"**{v}x** vs {p}" for p, v in b7["median_ratio"].items()) + ".", ""]
     if "b4" in results:
         b4 = results["b4"]
         lines += [

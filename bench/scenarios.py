@@ -1,4 +1,4 @@
-"""The scenarios of issue 5 (B1-B6 and memory). Each returns a plain dict that goes into latest.json.
+"""The scenarios of issues 5 and 13 (B1-B7 and memory). Each returns a plain dict that goes into latest.json.
 
 Paired scenarios (B1-B3) alternate phizer and its peer inside every round (which side goes first flips each
 round, so slow drift of the machine hits both), and every round asks for names never asked for before.
@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import html
 import http.client
+import json
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -23,7 +28,7 @@ from PIL import Image
 
 from bench import system
 from bench.corpus import Originals, megapixel_series, shuffled
-from bench.peer import Peers, thumbor_path
+from bench.peer import Peer, Peers
 from bench.wrk import WrkResult, run_wrk
 from service.config import Config
 from service.launcher import Stack
@@ -32,6 +37,27 @@ from service.procs import Process, free_port
 from tests.support import AWS_ENV, moto_s3, s3_client
 
 PAUSE = 1.0  # seconds between two timed runs: in-flight work of the previous one drains
+
+
+SUFFIX = {"jpeg": "jpg", "webp": "webp"}  # phizer's format suffix for each compared output format
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One paired comparison: which peer, which output format, and whose encoder settings.
+
+    ``equal``: the peer gets phizer's preset quality (the fair comparison); otherwise each side runs at its own
+    defaults (phizer's presets as configured, the peer's default quality), and the bytes columns show what that buys.
+    phizer's side is the same in both: only the peer's settings change.
+    """
+
+    peer: str
+    fmt: str
+    equal: bool
+
+    @property
+    def tag(self) -> str:
+        return f"{self.peer}-{self.fmt}-{'equal' if self.equal else 'defaults'}"
 
 
 @dataclasses.dataclass
@@ -46,16 +72,17 @@ class Bench:
     rounds: int
     duration: float
     connections: int
-    formats: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)  # (name, preset) -> format
+    peer_names: Sequence[str] = ("thumbor", "ipx")
+    formats: Sequence[str] = ("jpeg", "webp")
+    settings: Sequence[bool] = (True, False)  # equal encoder settings, then each side's defaults
 
     def phizer_pids(self) -> list[int]:
         """Every process of phizer's side: nginx (master + workers), memcached, instances (master + worker)."""
         procs = [self.stack.nginx, self.stack.memcached, *self.stack.instances]
         return [pid for proc in procs if proc is not None for pid in system.tree(proc.pid)]
 
-    def peer_pids(self) -> list[int]:
-        """Every process of the peer's side: its nginx (master + workers) and the thumbor servers."""
-        return [pid for proc in self.peers.procs for pid in system.tree(proc.pid)]
+    def peer(self, name: str) -> Peer:
+        return {"thumbor": self.peers.thumbor, "ipx": self.peers.ipx}[name]
 
 
 def get(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -78,6 +105,7 @@ def _ratio(a: float, b: float) -> float:
 def _rounds(
     bench: Bench,
     targets: Callable[[int], tuple[tuple[str, Sequence[str] | None], tuple[str, Sequence[str] | None]]],
+    peer_pids: Callable[[], list[int]],
     connections: int,
     duration: float,
 ) -> list[dict[str, Any]]:
@@ -91,10 +119,11 @@ def _rounds(
         results: dict[str, WrkResult] = {}
         cpu_ms: dict[str, float] = {}
         for side, base, paths in order:
-            pids = bench.phizer_pids() if side == "phizer" else bench.peer_pids()
+            pids = bench.phizer_pids() if side == "phizer" else peer_pids()
             before = system.cpu_seconds(pids)
             results[side] = run_wrk(base, paths, duration=duration, connections=connections, cpus=bench.cpus)
-            cpu_ms[side] = (system.cpu_seconds(pids) - before) * 1000 / max(1, results[side].requests)
+            # Per successful answer: a quick 503 must not dilute the CPU an answered request took.
+            cpu_ms[side] = (system.cpu_seconds(pids) - before) * 1000 / max(1, results[side].ok_requests)
             time.sleep(PAUSE)
         phizer, peer = results["phizer"], results["peer"]
         rounds.append(
@@ -102,24 +131,32 @@ def _rounds(
                 "round": r + 1,
                 "phizer": {**phizer.as_dict(), "cpu_ms_per_request": round(cpu_ms["phizer"], 3)},
                 "peer": {**peer.as_dict(), "cpu_ms_per_request": round(cpu_ms["peer"], 3)},
-                "ratio": _ratio(phizer.rps, peer.rps),
+                "ratio": _ratio(phizer.ok_rps, peer.ok_rps),
                 "p99_ratio": _ratio(phizer.p99_ms, peer.p99_ms),
                 "cpu_ratio": _ratio(cpu_ms["peer"], cpu_ms["phizer"]),
             }
         )
         print(
-            f"  round {r + 1}: phizer {phizer.rps:.0f} req/s p99 {phizer.p99_ms:.0f} ms, peer {peer.rps:.0f} req/s "
-            f"p99 {peer.p99_ms:.0f} ms, ratio {rounds[-1]['ratio']}",
+            f"  round {r + 1}: phizer {phizer.ok_rps:.0f} req/s p99 {phizer.p99_ms:.0f} ms, "
+            f"peer {peer.ok_rps:.0f} req/s p99 {peer.p99_ms:.0f} ms, ratio {rounds[-1]['ratio']}",
             flush=True,
         )
     return rounds
 
 
 def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    def median(side: str, field: str) -> float:
+        return round(statistics.median(r[side][field] for r in rounds), 3)
+
     return {
         "median_ratio": round(statistics.median(r["ratio"] for r in rounds), 3),
         "median_p99_ratio": round(statistics.median(r["p99_ratio"] for r in rounds), 3),
         "median_cpu_ratio": round(statistics.median(r["cpu_ratio"] for r in rounds), 3),
+        "medians": {
+            side: {field: median(side, field)
+                   for field in ("ok_rps", "p50_ms", "p99_ms", "cpu_ms_per_request", "mean_body_bytes", "errors")}
+            for side in ("phizer", "peer")
+        },
         "errors": sum(r["phizer"]["errors"] + r["peer"]["errors"] for r in rounds),
         "exhausted": any(r["phizer"]["exhausted"] or r["peer"]["exhausted"] for r in rounds),
     }
@@ -128,28 +165,52 @@ def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ formats
 
 
-def check_formats(bench: Bench) -> dict[str, Any]:
-    """Ask both sides for every image at every preset once (also warms both up).
+def phizer_path(preset_name: str, key: str, fmt: str) -> str:
+    """phizer's URL for ``key`` at ``preset_name`` forced to ``fmt`` by the format suffix (no Accept needed)."""
+    return f"/{preset_name}/{key}.{SUFFIX[fmt]}"
 
-    phizer's answer decides the output format; thumbor is then asked for that same format, so both encode
-    the same thing. Any failure on either side is recorded and shown in the report.
+
+def check_formats(bench: Bench) -> dict[str, Any]:
+    """Ask every side for every image at every preset in every compared format and setting once (also a warm-up).
+
+    Each answer must be that format; any failure is recorded and shown in the report. The bytes of these answers
+    (the same set of renditions on every side) are the report's mean bytes per response: a timed run's own mean
+    would compare different subsets (each side gets through different URLs in the same time).
     """
     failures, sizes = [], []
-    for name in bench.originals.names:
-        key = bench.originals.key("check", 0, name)
-        for preset_name, preset in bench.config.presets.items():
-            status, headers, body = get(bench.stack.url, f"/{preset_name}/{key}")
-            if status != 200:
-                failures.append(f"phizer /{preset_name}/{key}: {status} {body[:100]!r}")
-                continue
-            fmt = headers["content-type"].removeprefix("image/")
-            bench.formats[(name, preset_name)] = fmt
-            peer_status, peer_headers, peer_body = get(bench.peers.thumbor_url, thumbor_path(preset, key, fmt))
-            if peer_status != 200 or peer_headers.get("content-type") != headers["content-type"]:
-                failures.append(f"thumbor {preset_name}/{name}: {peer_status} {peer_headers.get('content-type')}")
-            sizes.append({"name": name, "preset": preset_name, "format": fmt, "phizer": len(body),
-                          "peer": len(peer_body)})
-    return {"failures": failures, "outputs": sizes}
+    for fmt in bench.formats:
+        for name in bench.originals.names:
+            key = bench.originals.key("check", 0, name)
+            for preset_name, preset in bench.config.presets.items():
+                row: dict[str, Any] = {"name": name, "preset": preset_name, "format": fmt}
+                sides = [("phizer", bench.stack.url, phizer_path(preset_name, key, fmt))]
+                for peer_name in bench.peer_names:
+                    peer = bench.peer(peer_name)
+                    for equal in bench.settings:
+                        side = f"{peer_name}-{'equal' if equal else 'defaults'}"
+                        sides.append((side, peer.url, peer.path(preset, key, fmt, equal)))
+                for side, base, path in sides:
+                    status, headers, body = get(base, path)
+                    if status != 200 or headers.get("content-type") != f"image/{fmt}":
+                        failures.append(f"{side} {path}: {status} {headers.get('content-type')} {body[:100]!r}")
+                    row[side] = len(body)
+                sizes.append(row)
+    sides = [side for side in sizes[0] if side not in ("name", "preset", "format")]
+
+    def means(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Mean bytes per side, and the median over renditions of phizer's bytes / the side's (one outlier, such
+        as a peer keeping a CMYK JPEG as CMYK at 15x the bytes, moves the mean but not this)."""
+        return {side: round(statistics.mean(row[side] for row in rows)) for side in sides} | {
+            f"median_ratio_{side}": round(statistics.median(row["phizer"] / max(1, row[side]) for row in rows), 3)
+            for side in sides if side != "phizer"
+        }
+
+    mean_bytes = {
+        fmt: {p: means([row for row in sizes if row["format"] == fmt and p in ("all", row["preset"])])
+              for p in ("all", *bench.config.presets)}
+        for fmt in bench.formats
+    }
+    return {"failures": failures, "outputs": sizes, "mean_bytes": mean_bytes}
 
 
 # --------------------------------------------------------------------------------------------- B1 - B3
@@ -179,6 +240,7 @@ def b1_cache_hit(bench: Bench, static_root: Path) -> dict[str, Any]:
     rounds = _rounds(
         bench,
         lambda r: ((bench.stack.url + path, None), (bench.peers.static_url + "/b1/" + static.name, None)),
+        bench.peers.nginx_pids,
         connections,
         B1_SECONDS,
     )
@@ -186,43 +248,55 @@ def b1_cache_hit(bench: Bench, static_root: Path) -> dict[str, Any]:
             "rounds": rounds, **_summary(rounds)}
 
 
-def _pair(bench: Bench, pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
-    """The phizer and thumbor paths of the same (preset, key) requests, in the same order."""
-    phizer, peer = [], []
-    for preset_name, key in pairs:
-        phizer.append(f"/{preset_name}/{key}")
-        fmt = bench.formats[(key.rsplit("/", 1)[1], preset_name)]
-        peer.append(thumbor_path(bench.config.presets[preset_name], key, fmt))
-    return phizer, peer
+def _paired_variants(
+    bench: Bench, scenario: str, variants: list[Variant], pairs_for: Callable[[str], list[tuple[str, str]]]
+) -> list[dict[str, Any]]:
+    """Each variant's rounds; ``pairs_for(prefix)`` gives the (preset, key) requests of one round under new names."""
+    out = []
+    for variant in variants:
+        peer = bench.peer(variant.peer)
+        print(f"  {scenario} {variant.tag}", flush=True)
+
+        def targets(r: int, variant: Variant = variant, peer: Peer = peer) -> tuple[tuple[str, list[str]], ...]:
+            pairs = pairs_for(f"{scenario}/{variant.tag}/r{r}")
+            phizer = [phizer_path(p, k, variant.fmt) for p, k in pairs]
+            other = [peer.path(bench.config.presets[p], k, variant.fmt, variant.equal) for p, k in pairs]
+            return (bench.stack.url, phizer), (peer.url, other)
+
+        rounds = _rounds(bench, targets, lambda peer=peer: bench.peers.pids(peer), bench.connections, bench.duration)
+        out.append({"peer": variant.peer, "format": variant.fmt, "equal": variant.equal, "rounds": rounds,
+                    **_summary(rounds)})
+    return out
 
 
 def b2_page_mix(bench: Bench) -> dict[str, Any]:
-    """Every original at every preset, shuffled page by page, all misses on both sides."""
+    """Every original at every preset, shuffled page by page, all misses on both sides; per peer, format, settings."""
 
-    def targets(r: int) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
+    def pairs_for(prefix: str) -> list[tuple[str, str]]:
+        seed = int(hashlib.blake2b(prefix.encode(), digest_size=4).hexdigest(), 16)
         pairs = []
         for page in range(bench.originals.pages):
-            keys = bench.originals.page(f"b2/r{r}", page)
-            pairs += shuffled([(p, k) for k in keys for p in bench.config.presets], seed=r * 100_003 + page)
-        phizer, peer = _pair(bench, pairs)
-        return (bench.stack.url, phizer), (bench.peers.thumbor_url, peer)
+            keys = bench.originals.page(prefix, page)
+            pairs += shuffled([(p, k) for k in keys for p in bench.config.presets], seed=seed + page)
+        return pairs
 
-    rounds = _rounds(bench, targets, bench.connections, bench.duration)
-    return {"connections": bench.connections, "presets": list(bench.config.presets), "rounds": rounds,
-            **_summary(rounds)}
+    variants = [Variant(p, f, e) for p in bench.peer_names for f in bench.formats for e in bench.settings]
+    return {"connections": bench.connections, "presets": list(bench.config.presets),
+            "variants": _paired_variants(bench, "b2", variants, pairs_for)}
 
 
 def b3_single_preset(bench: Bench) -> dict[str, Any]:
-    """One preset, each original (all distinct) asked for once: no sharing of any work is possible."""
+    """One preset, each original (all distinct) asked for once: no sharing of any work is possible. JPEG, equal."""
     preset = "small" if "small" in bench.config.presets else next(iter(bench.config.presets))
 
-    def targets(r: int) -> tuple[tuple[str, list[str]], tuple[str, list[str]]]:
-        keys = [k for page in range(bench.originals.pages) for k in bench.originals.page(f"b3/r{r}", page)]
-        phizer, peer = _pair(bench, [(preset, k) for k in shuffled(keys, seed=r)])
-        return (bench.stack.url, phizer), (bench.peers.thumbor_url, peer)
+    def pairs_for(prefix: str) -> list[tuple[str, str]]:
+        keys = [k for page in range(bench.originals.pages) for k in bench.originals.page(prefix, page)]
+        seed = int(hashlib.blake2b(prefix.encode(), digest_size=4).hexdigest(), 16)
+        return [(preset, k) for k in shuffled(keys, seed=seed)]
 
-    rounds = _rounds(bench, targets, bench.connections, bench.duration)
-    return {"preset": preset, "connections": bench.connections, "rounds": rounds, **_summary(rounds)}
+    variants = [Variant(p, "jpeg", True) for p in bench.peer_names]
+    return {"preset": preset, "connections": bench.connections,
+            "variants": _paired_variants(bench, "b3", variants, pairs_for)}
 
 
 # ------------------------------------------------------------------------------------------------ B5, B6
@@ -468,4 +542,80 @@ def memory(stack: Stack, peers: Peers) -> dict[str, Any]:
         "nginx_rss_mb": round(sum(system.rss_mb(p) for p in system.tree(stack.nginx.pid)), 1) if stack.nginx else None,
         "thumbor_rss_mb": [round(system.rss_mb(p), 1) for p in peers.thumbor_pids()],
         "max_instance_rss_mb": max(i["rss_mb"] for i in instances),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- B7
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,2400",
+)  # fmt: skip
+# Runs at the window's load event (every <img> done): the page's own clock, so Chromium's start-up is not counted.
+PAGE_SCRIPT = """<script>
+addEventListener("load", () => {
+  const imgs = performance.getEntriesByType("resource").filter((e) => e.initiatorType === "img");
+  document.body.dataset.result = JSON.stringify({
+    load_ms: performance.timing.loadEventStart - performance.timing.navigationStart,
+    last_image_ms: Math.max(...imgs.map((e) => e.responseEnd)),
+    images: imgs.length,
+    decoded: [...document.images].filter((i) => i.complete && i.naturalWidth > 0).length,
+  });
+});
+</script>"""
+
+
+def _browser_page(workdir: Path, srcs: list[str]) -> dict[str, Any]:
+    """Open a page of ``srcs`` in a fresh headless Chromium profile; the page's timings from its load event."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    page = workdir / "page.html"
+    imgs = "\n".join(f'<img src="{src}" width="160">' for src in srcs)
+    page.write_text(f"<!doctype html><html><head>{PAGE_SCRIPT}</head><body>\n{imgs}\n</body></html>\n")
+    profile = workdir / "profile"
+    shutil.rmtree(profile, ignore_errors=True)
+    run = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    match = re.search(r'data-result="([^"]*)"', run.stdout)
+    if run.returncode != 0 or match is None:
+        raise RuntimeError(f"B7: chromium gave no timings ({run.returncode}): {run.stderr[-1000:]}")
+    return json.loads(html.unescape(match.group(1)))
+
+
+def b7_browser_page(bench: Bench, workdir: Path, page_size: int = 40) -> dict[str, Any]:
+    """A cold page of ``page_size`` `small` thumbnails of distinct originals in headless Chromium, each side alike.
+
+    Every round and side gets originals with content never seen before (tagged copies), under new names: nginx's
+    caches, memcached, phizer's per-instance intermediates and the peers' storages all miss, as with emptied
+    caches; each Chromium starts from an empty profile. Chromium asks as browsers do (HTTP/1.1, 6 connections per
+    host, its own Accept: phizer negotiates WebP); the peers are asked for WebP at the same quality.
+    """
+    preset_name = "small" if "small" in bench.config.presets else next(iter(bench.config.presets))
+    preset = bench.config.presets[preset_name]
+    names = bench.originals.names
+    sides = ["phizer", *bench.peer_names]
+    rounds = []
+    for r in range(bench.rounds):
+        order = sides if r % 2 == 0 else list(reversed(sides))
+        row: dict[str, Any] = {"round": r + 1}
+        for side in order:
+            keys = [bench.originals.fresh_key(f"b7/{time.time_ns()}/{side}/{i:02d}-{names[i % len(names)]}",
+                                              names[i % len(names)]) for i in range(page_size)]
+            if side == "phizer":
+                srcs = [f"{bench.stack.url}/{preset_name}/{key}" for key in keys]
+            else:
+                peer = bench.peer(side)
+                srcs = [peer.url + peer.path(preset, key, "webp", True) for key in keys]
+            row[side] = _browser_page(workdir / side, srcs)  # "decoded" < page_size: some images failed (shown)
+            time.sleep(PAUSE)
+        for peer_name in bench.peer_names:
+            row[f"ratio_{peer_name}"] = _ratio(row["phizer"]["load_ms"], row[peer_name]["load_ms"])
+        print(f"  round {r + 1}: " + ", ".join(f"{s} {row[s]['load_ms']} ms" for s in sides), flush=True)
+        rounds.append(row)
+    return {
+        "preset": preset_name, "page_size": page_size, "sides": sides, "rounds": rounds,
+        "median_load_ms": {s: statistics.median(x[s]["load_ms"] for x in rounds) for s in sides},
+        "median_ratio": {p: round(statistics.median(x[f"ratio_{p}"] for x in rounds), 3) for p in bench.peer_names},
     }

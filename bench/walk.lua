@@ -2,8 +2,9 @@
 --
 -- BENCH_URLS (environment): a file of request paths, one a line. Thread k of T requests lines k+1, k+1+T, ...
 -- so every path is requested exactly once per run (all misses, whatever caches sit in front); a thread that
--- runs out of paths stops, so a run never silently turns into cache hits. Without BENCH_URLS wrk requests
--- its one URL over and over with no Lua on the request path (the fastest client, for cache-hit runs).
+-- runs out of paths stops, so a run never silently turns into cache hits. It also adds up the response bodies'
+-- bytes (body_bytes in the summary: what each side's encoder made, without the headers). Without BENCH_URLS wrk
+-- requests its one URL over and over with no Lua on the request path (the fastest client, for cache-hit runs).
 -- BENCH_ACCEPT (environment, optional): an Accept header sent with every request.
 
 local list = os.getenv("BENCH_URLS")
@@ -24,6 +25,7 @@ if list and list ~= "" then
   local nthreads = 1
   local nexti = 0
   exhausted = 0
+  body_bytes = 0
 
   -- wrk calls request() once on the first thread's state right after init() to check the script
   -- (script_verify_request in wrk.c); that call must not use up a path.
@@ -55,19 +57,25 @@ if list and list ~= "" then
     nexti = nexti + nthreads
     return wrk.format(nil, path)
   end
+
+  function response(status, headers, body)
+    body_bytes = body_bytes + #body
+  end
 end
 
 function done(summary, latency, requests)
   local ran_out = 0
+  local bodies = 0
   for _, thread in ipairs(threads) do
     ran_out = ran_out + (thread:get("exhausted") or 0)
+    bodies = bodies + (thread:get("body_bytes") or 0)
   end
   local e = summary.errors
   io.write(string.format(
     '\nBENCH_JSON {"requests": %d, "duration_us": %d, "bytes": %d, "connect_errors": %d, "read_errors": %d, '
       .. '"write_errors": %d, "status_errors": %d, "timeouts": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, '
-      .. '"max_us": %d, "mean_us": %.1f, "threads_exhausted": %d}\n',
+      .. '"max_us": %d, "mean_us": %.1f, "threads_exhausted": %d, "body_bytes": %d}\n',
     summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean, ran_out
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean, ran_out, bodies
   ))
 end

@@ -19,14 +19,17 @@ class WrkResult:
     """One wrk run, reduced to what the report shows."""
 
     requests: int
+    ok_requests: int  # answered 2xx/3xx
     seconds: float
     rps: float
+    ok_rps: float  # successful (2xx/3xx) answers per second: a fast 503 must not count as work done
     p50_ms: float
     p90_ms: float
     p99_ms: float
     max_ms: float
     errors: int  # socket errors, timeouts and non-2xx/3xx answers
     exhausted: bool  # a thread ran out of distinct URLs before the time was up
+    mean_body_bytes: float  # mean response body size (URL-list runs only; 0 for a single URL)
 
     def as_dict(self) -> dict[str, float | int | bool]:
         return dataclasses.asdict(self)
@@ -71,12 +74,15 @@ def run_wrk(
     seconds = raw["duration_us"] / 1e6
     return WrkResult(
         requests=raw["requests"],
+        ok_requests=raw["requests"] - raw["status_errors"],
         seconds=round(seconds, 3),
         rps=round(raw["requests"] / seconds, 1) if seconds else 0.0,
+        ok_rps=round((raw["requests"] - raw["status_errors"]) / seconds, 1) if seconds else 0.0,
         p50_ms=raw["p50_us"] / 1000,
         p90_ms=raw["p90_us"] / 1000,
         p99_ms=raw["p99_us"] / 1000,
         max_ms=raw["max_us"] / 1000,
         errors=sum(raw[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")),
         exhausted=bool(raw["threads_exhausted"]),
+        mean_body_bytes=round(raw["body_bytes"] / raw["requests"], 1) if raw["requests"] else 0.0,
     )

@@ -6,7 +6,13 @@ bench would flatter phizer. Checked against a real HTTP server that counts what 
 
 from __future__ import annotations
 
-from bench.peer import thumbor_path
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from bench.peer import ipx_path, thumbor_path
+from bench.scenarios import _browser_page
 from bench.wrk import run_wrk
 from service.presets import Preset
 from tests.support import CountingProxy
@@ -24,6 +30,7 @@ def test_walker_requests_each_path_once_then_stops() -> None:
     # A thread that runs out sends the last path again while it stops; nothing else is ever repeated.
     assert {path for path, count in server.gets.items() if count > 1} <= {paths[-1]}
     assert result.errors == 0
+    assert result.mean_body_bytes == 100  # bodies only, as each side's encoder made them
 
 
 def test_walker_counts_failed_answers() -> None:
@@ -40,3 +47,30 @@ def test_thumbor_urls_match_phizer_presets() -> None:
     cover = Preset("thumb", width=150, height=150, fit="cover", quality=80, quality_by_format={"png": 90})
     assert thumbor_path(contain, "a/b.jpg", "jpeg") == "/unsafe/fit-in/320x0/filters:quality(82):format(jpeg)/a/b.jpg"
     assert thumbor_path(cover, "c.png", "png") == "/unsafe/150x150/filters:quality(90):format(png)/c.png"
+
+
+def test_ipx_urls_match_phizer_presets() -> None:
+    contain = Preset("small", width=320, quality=82)
+    cover = Preset("thumb", width=150, height=150, fit="cover", quality=80, quality_by_format={"png": 90})
+    box = Preset("box", width=400, height=300, quality=85)
+    assert ipx_path(contain, "a/b.jpg", "jpeg") == "/w_320,q_82,f_jpeg/a/b.jpg"
+    assert ipx_path(cover, "c.png", "webp") == "/s_150x150,q_80,f_webp/c.png"
+    assert ipx_path(box, "d.jpg", "jpeg") == "/s_400x300,fit_inside,q_85,f_jpeg/d.jpg"
+    # At each side's defaults the peer chooses its own quality.
+    assert ipx_path(contain, "a/b.jpg", "webp", equal=False) == "/w_320,f_webp/a/b.jpg"
+    assert thumbor_path(contain, "a/b.jpg", "webp", equal=False) == "/unsafe/fit-in/320x0/filters:format(webp)/a/b.jpg"
+
+
+def test_browser_page_times_every_image(tmp_path: Path) -> None:
+    """B7's Chromium run: a page of images from a local server, timed by the page's own load event."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), "teal").save(buf, "JPEG")
+    paths = [f"/img/{i}.jpg" for i in range(5)]
+    server = CountingProxy(files={p: buf.getvalue() for p in paths})
+    try:
+        result = _browser_page(tmp_path, [server.url + p for p in paths])
+    finally:
+        server.close()
+    assert result["decoded"] == 5 and result["images"] == 5
+    assert 0 < result["last_image_ms"] <= result["load_ms"]
+    assert set(server.gets) == set(paths)
