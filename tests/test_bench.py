@@ -6,6 +6,13 @@ bench would flatter phizer. Checked against a real HTTP server that counts what 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageFilter
+
+from bench import encoders
 from bench.peer import thumbor_path
 from bench.wrk import run_wrk
 from service.presets import Preset
@@ -40,3 +47,25 @@ def test_thumbor_urls_match_phizer_presets() -> None:
     cover = Preset("thumb", width=150, height=150, fit="cover", quality=80, quality_by_format={"png": 90})
     assert thumbor_path(contain, "a/b.jpg", "jpeg") == "/unsafe/fit-in/320x0/filters:quality(82):format(jpeg)/a/b.jpg"
     assert thumbor_path(cover, "c.png", "png") == "/unsafe/150x150/filters:quality(90):format(png)/c.png"
+
+
+def test_encoder_curves_tool_runs_on_one_small_photo(tmp_path: Path) -> None:
+    """bench.encoders end to end on the corpus' smallest photo at 64 px: every setting measured, a report with
+    the tables and the choices, and the same report again from the saved figures."""
+    out = tmp_path / "encoders.md"
+    assert encoders.main(["--photos", "16", "--sizes", "64", "--repeat", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| webp q82 m0 |" in text and "| jpeg q82 |" in text and "WebP: method" in text
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert len(saved["results"]) == len(encoders.default_settings())
+    assert all(0.5 < r["ssim"] <= 1 and r["bytes"] > 0 for r in saved["results"])
+    assert encoders.main(["--out", str(out), "--report-only"]) == 0
+    assert out.read_text() == text
+
+
+def test_ssim_orders_degradations() -> None:
+    im = Image.linear_gradient("L").resize((128, 96)).convert("RGB")
+    im.paste((200, 40, 90), (30, 20, 90, 70))
+    blurred = im.filter(ImageFilter.GaussianBlur(1))
+    assert encoders.ssim(im, im) == pytest.approx(1.0)
+    assert 1.0 > encoders.ssim(im, blurred) > encoders.ssim(im, im.filter(ImageFilter.GaussianBlur(4)))
