@@ -88,6 +88,8 @@ TRANSPOSES = {
 }
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 PIL_DIR = os.path.dirname(PIL.__file__) + os.sep
+# What Pillow raises on bad bytes (besides its bomb and unidentified-image errors).
+FILE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +147,7 @@ def decoding() -> Iterator[None]:
         raise TooLarge("image has too many pixels", str(exc)) from exc
     except Image.UnidentifiedImageError as exc:
         raise UnsupportedMedia("not an image, or not JPEG, PNG, WebP or GIF") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError) as exc:
+    except FILE_ERRORS as exc:
         if not _raised_by_pillow(exc):
             raise
         raise Unprocessable("corrupt or truncated image", f"{type(exc).__name__}: {exc}") from exc
@@ -219,14 +221,28 @@ def load(ctx: RenderContext) -> Intermediate:
         drafted = im.draft(im.mode, want)
         if drafted is not None:
             scale = width / drafted[1][2]
-            if scale > 4 and (dc := dc_only(ctx.data)) is not None:  # 1/8, the only draft scale above 4
-                with decoding():  # the JPEG class itself: Pillow's opener would make an MPO of a phone photo
-                    im = JpegImagePlugin.JpegImageFile(io.BytesIO(dc))
-                im.draft(im.mode, want)
+            fast = decode_dc_only(ctx.data, want) if scale > 4 else None  # 1/8, the only draft scale above 4
+            if fast is not None:
                 ctx.timings.decoder = "dc-only"
+                return Intermediate(normalise_mode(fast), scale)
     with decoding():
         im.load()
     return Intermediate(normalise_mode(im), scale)
+
+
+def decode_dc_only(data: bytes, want: tuple[int, int]) -> Image.Image | None:
+    """A progressive JPEG decoded at 1/8 from its DC scans alone (service/jpeg.py); None when the file does not
+    qualify or that decode fails: the original then decodes as usual, and reports its own errors."""
+    dc = dc_only(data)
+    if dc is None:
+        return None
+    try:
+        im = JpegImagePlugin.JpegImageFile(io.BytesIO(dc))  # the class itself: Pillow's opener could make an MPO
+        im.draft(im.mode, want)
+        im.load()
+    except FILE_ERRORS:
+        return None
+    return im
 
 
 def reduced(intermediate: Intermediate, target: tuple[int, int]) -> Intermediate:
