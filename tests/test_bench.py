@@ -55,7 +55,7 @@ def test_encoder_curves_tool_runs_on_one_small_photo(tmp_path: Path) -> None:
     out = tmp_path / "encoders.md"
     assert encoders.main(["--photos", "16", "--sizes", "64", "--repeat", "1", "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| webp q82 m0 |" in text and "| jpeg q82 |" in text and "WebP: method" in text
+    assert "| webp q82 m0 |" in text and "| jpeg q82 |" in text and "- WebP method: " in text
     saved = json.loads(out.with_suffix(".json").read_text())
     assert len(saved["results"]) == len(encoders.default_settings())
     assert all(0.5 < r["ssim"] <= 1 and r["bytes"] > 0 for r in saved["results"])
