@@ -26,7 +26,7 @@ import dataclasses
 import re
 from collections.abc import Iterator
 
-SOI, EOI, SOS, DHT, DRI = 0xD8, 0xD9, 0xDA, 0xC4, 0xDD
+SOI, EOI, SOS, DHT = 0xD8, 0xD9, 0xDA, 0xC4
 SOF2 = 0xC2  # progressive, Huffman-coded: the only frame kind the fast path takes
 # Frame headers (SOF0-15), less DHT (C4), JPG (C8) and DAC (CC), which share the range.
 SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {DHT, 0xC8, 0xCC}
