@@ -325,7 +325,34 @@ def report(results: Sequence[Result], photos: Sequence[str], repeat: int) -> str
                 )
                 lines.append(f"| {a.speed} | {mapped} | {line} | {' | '.join(there)} |")
         lines.append("")
+    lines += decision(table, sizes)
     return "\n".join(lines)
+
+
+def decision(table: Sequence[Curve], sizes: Sequence[int]) -> list[str]:
+    """The defaults to apply: the choices at the largest size (where encoding costs most), and the chosen AVIF
+    speed's quality mapping fitted over every size's points together."""
+    final = decide(table, max(sizes))
+    lines = ["## Decision", ""]
+    if final.webp_method is not None:
+        lines.append(f"- `encoding.webp_method`: {final.webp_method} (the choice at {max(sizes)} px).")
+    if final.avif_speed is not None:
+        pooled = [
+            (float(q), m)
+            for size in sizes
+            for a in decide(table, size).avif
+            if a.speed == final.avif_speed
+            for q, m in a.mapped.items()
+            if m is not None
+        ]
+        slope, intercept = fit(pooled)
+        examples = ", ".join(f"q{q} -> {round(slope * q + intercept)}" for q in (80, 82, 85))
+        lines.append(
+            f"- AVIF: speed {final.avif_speed} (the choice at {max(sizes)} px); quality from the preset's JPEG-scale "
+            f"q: round({slope:.2f} x q {intercept:+.1f}), fitted over both sizes ({examples})."
+        )
+    lines.append("")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
