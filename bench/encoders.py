@@ -374,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         results = measure(photos, [int(s) for s in args.sizes.split(",")], default_settings(), args.repeat)
         repeat = args.repeat
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        dump = {"photos": names, "repeat": repeat, "results": [dataclasses.asdict(r) for r in results]}
-        raw.write_text(json.dumps(dump, indent=1) + "\n")
+        rows = ",\n".join(json.dumps(dataclasses.asdict(r)) for r in results)  # one result a line
+        raw.write_text(f'{{"photos": {json.dumps(names)}, "repeat": {repeat}, "results": [\n{rows}\n]}}\n')
     args.out.write_text(report(results, names, repeat) + "\n")
     print(f"wrote {args.out}")
     return 0
