@@ -292,6 +292,7 @@ class _Observe:
             DEADLINES.inc()
         line = {"request_id": req.context.request_id, "method": req.method, "path": req.path, **fields}
         line.update(status=status, bytes=len(resp.data or b""), original=timings.source or None)
+        line.update(decoder=timings.decoder or None)
         line.update(stages_ms={name: round(s * 1000, 1) for name, s in dict(timings.stages).items()})
         line.update(instance=self.instance or None)
         access_log.info("", extra={"fields": line})

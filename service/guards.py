@@ -15,10 +15,7 @@ from PIL import Image, PngImagePlugin
 
 from service.config import Limits
 from service.errors import TooLarge
-
-SOI, SOS, EOI = 0xD8, 0xDA, 0xD9
-# Markers without a length field: TEM, RST0-7 (inside entropy-coded data), SOI, EOI.
-STANDALONE = {0x01, *range(0xD0, 0xD8), SOI, EOI}
+from service.jpeg import SOS, segments
 
 
 def configure_decoders(limits: Limits) -> None:
@@ -35,38 +32,12 @@ def configure_decoders(limits: Limits) -> None:
 
 
 def jpeg_scans(data: bytes, stop_after: int) -> int:
-    """The number of scans (SOS markers) in a JPEG, counted from its markers; stops counting past ``stop_after``.
-
-    Segments are skipped by their length; after each SOS, the entropy-coded data is skipped to the next marker
-    (``0xFF`` followed by neither a stuffed ``0x00`` nor a restart marker). A malformed stream ends the count:
-    the decoder reports it.
-    """
-    view = data
-    size, pos, scans = len(view), 2, 0
-    while pos + 4 <= size and scans <= stop_after:
-        if view[pos] != 0xFF:
-            return scans
-        marker = view[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == EOI:
-            return scans
-        if marker in STANDALONE:
-            pos += 2
-            continue
-        pos += 2 + int.from_bytes(view[pos + 2 : pos + 4], "big")
-        if marker != SOS:
-            continue
-        scans += 1
-        while True:  # skip the entropy-coded data
-            pos = view.find(b"\xff", pos)
-            if pos < 0 or pos + 1 >= size:
-                return scans
-            following = view[pos + 1]
-            if following == 0x00 or 0xD0 <= following <= 0xD7:
-                pos += 2
-                continue
+    """The number of scans (SOS markers) in a JPEG, counted from its markers (service/jpeg.py walks them); stops
+    counting past ``stop_after``. A malformed stream ends the count: the decoder reports it."""
+    scans = 0
+    for segment in segments(data):
+        scans += segment.marker == SOS
+        if scans > stop_after:
             break
     return scans
 

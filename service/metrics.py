@@ -57,6 +57,7 @@ class Timings:
         self.stages: dict[str, float] = {}
         self.source = ""  # where the original came from: memcached, origin, or shared (another request's fetch)
         self.intermediate = ""  # the kept decode: hit or miss ("" when none was looked up)
+        self.decoder = ""  # "dc-only" when a progressive JPEG was decoded from its DC scans (service/jpeg.py)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -12,6 +12,8 @@ so a reader sees what happens to every pixel and in which order, and the output 
 
 - JPEGs are always decoded with ``Image.draft`` (DCT scaling on load, 3-6x faster than a full decode) to a size
   still at least ``DRAFT_GAP`` times the output, then ``reduce()`` + LANCZOS finish the job.
+  Where that is 1/8, a progressive JPEG is decoded from its DC scans alone (service/jpeg.py): same pixels, 3-4x
+  faster, as the decoder no longer entropy-decodes AC scans that the 1/8 IDCT never reads.
 - Orientation and the ICC conversion run *after* the resize, on the small image: the crop box is worked out in
   the raw image's terms (geometry.py maps gravity and the origin's focal point through the EXIF orientation), and
   the colour transform is per pixel, so doing them last is exact for orientation and within a fraction of a ΔE
@@ -50,7 +52,7 @@ from fractions import Fraction
 from types import TracebackType
 
 import PIL
-from PIL import Image, ImageCms, ImageColor, ImageFile, ImageSequence
+from PIL import Image, ImageCms, ImageColor, ImageFile, ImageSequence, JpegImagePlugin
 
 from service.config import Encoding, Limits
 from service.errors import TooLarge, Unprocessable, UnsupportedMedia
@@ -73,6 +75,7 @@ from service.formats import (
 from service.geometry import DRAFT_GAP, Layout, Point, layout, refocused
 from service.guards import check_canvas, check_jpeg_scans, gif_frames
 from service.intermediates import Intermediate, IntermediateCache
+from service.jpeg import dc_only
 from service.metrics import Timings
 from service.origins import Focus
 from service.presets import Preset
@@ -93,6 +96,8 @@ TRANSPOSES = {
 }
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 PIL_DIR = os.path.dirname(PIL.__file__) + os.sep
+# What Pillow raises on bad bytes (besides its bomb and unidentified-image errors).
+FILE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +157,7 @@ def decoding() -> Iterator[None]:
         raise TooLarge("image has too many pixels", str(exc)) from exc
     except Image.UnidentifiedImageError as exc:
         raise UnsupportedMedia("not an image, or not JPEG, PNG, WebP or GIF") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError) as exc:
+    except FILE_ERRORS as exc:
         if not _raised_by_pillow(exc):
             raise
         raise Unprocessable("corrupt or truncated image", f"{type(exc).__name__}: {exc}") from exc
@@ -215,7 +220,8 @@ def load(ctx: RenderContext) -> Intermediate:
     """Decode the pixels, shrinking on load where the decoder can (JPEG DCT scaling, sized by ``DRAFT_GAP``).
 
     The result remembers the factor by which draft shrank it (1.0 without), so crop coordinates can be mapped
-    into it exactly.
+    into it exactly. At 1/8, a progressive JPEG is decoded from its DC scans alone (service/jpeg.py): the same
+    pixels, 3-6x faster.
     """
     im, target = ctx.source, ctx.layout.decode_size
     scale = 1.0
@@ -225,9 +231,28 @@ def load(ctx: RenderContext) -> Intermediate:
         drafted = im.draft(im.mode, want)
         if drafted is not None:
             scale = width / drafted[1][2]
+            fast = decode_dc_only(ctx.data, want) if scale > 4 else None  # 1/8, the only draft scale above 4
+            if fast is not None:
+                ctx.timings.decoder = "dc-only"
+                return Intermediate(normalise_mode(fast), scale)
     with decoding():
         im.load()
     return Intermediate(normalise_mode(im), scale)
+
+
+def decode_dc_only(data: bytes, want: tuple[int, int]) -> Image.Image | None:
+    """A progressive JPEG decoded at 1/8 from its DC scans alone (service/jpeg.py); None when the file does not
+    qualify or that decode fails: the original then decodes as usual, and reports its own errors."""
+    dc = dc_only(data)
+    if dc is None:
+        return None
+    try:
+        im = JpegImagePlugin.JpegImageFile(io.BytesIO(dc))  # the class itself: Pillow's opener could make an MPO
+        im.draft(im.mode, want)
+        im.load()
+    except FILE_ERRORS:
+        return None
+    return im
 
 
 def reduced(intermediate: Intermediate, target: tuple[int, int]) -> Intermediate:

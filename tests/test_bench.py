@@ -7,10 +7,13 @@ bench would flatter phizer. Checked against a real HTTP server that counts what 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
-from PIL import Image
+import pytest
+from PIL import Image, ImageFilter
 
+from bench import encoders
 from bench.peer import ipx_path, thumbor_path
 from bench.scenarios import _browser_page
 from bench.wrk import run_wrk
@@ -74,3 +77,25 @@ def test_browser_page_times_every_image(tmp_path: Path) -> None:
     assert result["decoded"] == 5 and result["images"] == 5
     assert 0 < result["last_image_ms"] <= result["load_ms"]
     assert set(server.gets) == set(paths)
+
+
+def test_encoder_curves_tool_runs_on_one_small_photo(tmp_path: Path) -> None:
+    """bench.encoders end to end on the corpus' smallest photo at 64 px: every setting measured, a report with
+    the tables and the choices, and the same report again from the saved figures."""
+    out = tmp_path / "encoders.md"
+    assert encoders.main(["--photos", "16", "--sizes", "64", "--repeat", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| webp q82 m0 |" in text and "| jpeg q82 |" in text and "- WebP method: " in text
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert len(saved["results"]) == len(encoders.default_settings())
+    assert all(0.5 < r["ssim"] <= 1 and r["bytes"] > 0 for r in saved["results"])
+    assert encoders.main(["--out", str(out), "--report-only"]) == 0
+    assert out.read_text() == text
+
+
+def test_ssim_orders_degradations() -> None:
+    im = Image.linear_gradient("L").resize((128, 96)).convert("RGB")
+    im.paste((200, 40, 90), (30, 20, 90, 70))
+    blurred = im.filter(ImageFilter.GaussianBlur(1))
+    assert encoders.ssim(im, im) == pytest.approx(1.0)
+    assert 1.0 > encoders.ssim(im, blurred) > encoders.ssim(im, im.filter(ImageFilter.GaussianBlur(4)))
