@@ -18,7 +18,7 @@ import pytest
 import requests
 import yaml
 
-from service.budget import RenderBudget
+from service.budget import RenderBudget, Renderer
 from service.launcher import Stack
 from service.procs import children_by_parent, free_port
 from tests.support import REPO
@@ -48,6 +48,36 @@ def test_slots_are_shared_between_processes_and_freed_when_one_dies(tmp_path: Pa
         assert third.try_acquire() == 2  # ...gives its slot back: the kernel drops its locks
     finally:
         holder.kill()
+
+
+def test_waiting_requests_get_slots_first_come_first_served(tmp_path: Path) -> None:
+    """An instance's waiters take freed slots in their order of arrival, and a newcomer never jumps the line: with
+    every waiter polling on its own, the unlucky ones were overtaken until render_wait shed them."""
+    budget = RenderBudget(1, tmp_path)
+    renderer = Renderer(budget, spawn=lambda fn: fn, wait=10.0, queue=8)
+    held = budget.try_acquire()
+    order: list[str] = []
+
+    def wait(name: str) -> None:
+        slot = renderer._acquire(time.monotonic() + 10)
+        order.append(name)
+        time.sleep(0.05)  # a short render, during which the next ones keep waiting
+        budget.release(slot)
+
+    threads = []
+    for name in "abc":
+        threads.append(threading.Thread(target=wait, args=(name,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 5
+        while renderer.waiting < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert renderer.waiting == 3
+    budget.release(held)
+    late = threading.Thread(target=wait, args=("newcomer",))
+    late.start()  # arrives while a, b and c still wait: it queues behind them
+    for thread in [*threads, late]:
+        thread.join(timeout=10)
+    assert order == ["a", "b", "c", "newcomer"]
 
 
 @pytest.fixture(scope="module")
