@@ -37,13 +37,12 @@ ALPHA_OUTPUTS = ("png", "webp", "gif", "avif")  # outputs that keep transparency
 # The largest width or height each encoder can write. AVIF: libavif refuses images over 16384 px on a side
 # (its default dimension limit; AV1 itself allows 65536).
 MAX_DIMENSIONS = {"jpeg": 65_535, "png": 2**31 - 1, "webp": 16_383, "gif": 65_535, "avif": 16_384}
-# AVIF's encoder quality (libavif's 0-100, a quantizer scale) reads differently from JPEG's and WebP's: at the
-# same number AVIF is better and bigger. Presets give one JPEG-scale quality; AVIF gets the value whose mean SSIM
-# matches WebP's at that quality (pairs: JPEG scale -> AVIF, linear in between), where AVIF is 15-20% smaller.
-# Provisional, calibrated by hand (corpus stills at 320 and 640 px, speed 8, 8x8-block luma SSIM against the
-# lossless resize, the two sizes averaged; numbers in the avif branch's commit messages): bench/'s AVIF
-# speed/quality curve is to replace it.
-AVIF_QUALITY = ((0, 0), (50, 50), (60, 53), (70, 56), (82, 68), (90, 81), (100, 100))
+# AVIF's encoder quality (libavif's 0-100, a quantizer scale) reads differently from JPEG's and WebP's. Presets give
+# one JPEG-scale quality, which WebP takes as is; AVIF, served instead of WebP to the browsers that take it, gets the
+# quality whose mean luma SSIM matches WebP's (method 4) at that number: measured by bench/encoders.py at speed 9
+# on corpus photos at 320 and 1600 px, the two sizes averaged (bench/results/encoders.md): WebP q76, q82, q88 ->
+# AVIF 54, 63, 73, where AVIF is 14-25% smaller. Linear between those points and out to 0 and 100.
+AVIF_QUALITY = ((0, 0), (76, 54), (82, 63), (88, 73), (100, 100))
 # Animation fields both animated outputs can hold (GIF: 16-bit loop count, frame delays in 16-bit hundredths of a
 # second; WebP: 16-bit loop count). APNG and WebP inputs can declare more: clamped, never a 500.
 MAX_LOOP = 65_535
