@@ -18,8 +18,12 @@ import os
 import sys
 import urllib.parse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import urllib3
+
+if TYPE_CHECKING:
+    from service.config import Config
 
 DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('PHIZER_PORT', '8080')}"  # the local stack (phizer run)
 PURGE_BATCH = 100  # keys per request (the instance accepts up to service.purge.MAX_KEYS)
@@ -86,15 +90,23 @@ def cmd_warm(args: argparse.Namespace) -> int:
     return 1 if result.errors else 0
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
+def _config(path: str | None, command: str) -> Config | None:
+    """The validated config (``path``, else $PHIZER_CONFIG, else the default), or None once the reason is printed."""
     from service.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{command}: invalid config: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
     from service.identity import preset_fingerprints
     from service.presets import order_label
 
-    try:
-        config = load_config(args.file)
-    except ConfigError as exc:
-        print(f"phizer: invalid config: {exc}", file=sys.stderr)
+    config = _config(args.file, "phizer")
+    if config is None:
         return 1
     overridable = ("PHIZER_ORIGINS", "PHIZER_MEMCACHED", "PHIZER_ALLOW_PRIVATE_ORIGINS")
     overrides = [name for name in overridable if os.environ.get(name)]
@@ -136,15 +148,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_sign(args: argparse.Namespace) -> int:
     """Print a signed ad-hoc URL per key, checked by the app's own parser (a size over the limits is refused here)."""
-    from service.config import ConfigError, load_config
     from service.errors import PhizerError
     from service.presets import ADHOC, parse_adhoc
     from service.signature import sign
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"phizer sign: invalid config: {exc}", file=sys.stderr)
+    config = _config(args.config, "phizer sign")
+    if config is None:
         return 1
     if not config.signing.keys:
         print("phizer sign: signing is off: set signing.keys or PHIZER_SIGNING_KEYS", file=sys.stderr)
