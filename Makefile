@@ -11,7 +11,9 @@ THUMBOR_STAMP := $(THUMBOR_VENV)/.installed
 # (binutils: objdump, with which a test checks pillow-simd's AVX2 code; wrk: the bench and its smoke test.)
 APT_PACKAGES := nginx-light memcached debootstrap gcc binutils python3-dev python3-venv wrk \
                 zlib1g-dev libjpeg62-turbo-dev libwebp-dev liblcms2-dev libtiff-dev libopenjp2-7-dev chromium
-# Debian packages only the bench's peers need (ipx runs on Node): installed like APT_PACKAGES, when absent.
+# Debian packages only the bench's peers need (ipx runs on Node): installed when the `npm` command is missing (a
+# machine may have Node.js from elsewhere, e.g. NodeSource's nodejs, which carries its own npm and conflicts with
+# Debian's npm package).
 BENCH_APT_PACKAGES := nodejs npm
 IPX_DIR       := bench/ipx
 IPX_STAMP     := $(IPX_DIR)/node_modules/.installed
@@ -45,7 +47,7 @@ $(THUMBOR_STAMP): bench/requirements-thumbor.txt
 	touch $@
 
 bench-deps:
-	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(BENCH_APT_PACKAGES)"
+	@command -v npm >/dev/null 2>&1 || $(MAKE) --no-print-directory system-deps APT_PACKAGES="$(BENCH_APT_PACKAGES)"
 
 # The bench's libvips peer: ipx with sharp (libvips inside sharp's prebuilt npm packages), as package-lock.json pins.
 $(IPX_STAMP): $(IPX_DIR)/package.json $(IPX_DIR)/package-lock.json | bench-deps
