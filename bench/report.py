@@ -197,7 +197,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"A page of {b7['page_size']} `{b7['preset']}` thumbnails of distinct originals (content no cache has "
             "seen, under new names), opened in Debian's Chromium (headless, fresh profile each time, HTTP/1.1: 6 "
             "connections per host); the time is the page's own load event (all images loaded, from navigation "
-            "start). phizer negotiates WebP from Chromium's Accept; the peers are asked for WebP at the same quality.",
+            "start). phizer negotiates from Chromium's Accept (AVIF, its default for browsers); the peers are "
+            "asked for WebP at the same quality.",
             "",
             "| round | " + " | ".join(f"{s} load ms" for s in sides)
             + "".join(f" | phizer/{p}" for p in sides[1:]) + " |",

@@ -590,7 +590,8 @@ def b7_browser_page(bench: Bench, workdir: Path, page_size: int = 40) -> dict[st
     Every round and side gets originals with content never seen before (tagged copies), under new names: nginx's
     caches, memcached, phizer's per-instance intermediates and the peers' storages all miss, as with emptied
     caches; each Chromium starts from an empty profile. Chromium asks as browsers do (HTTP/1.1, 6 connections per
-    host, its own Accept: phizer negotiates WebP); the peers are asked for WebP at the same quality.
+    host, its own Accept: phizer negotiates AVIF, what browsers get by default); the peers are asked for WebP at the
+    same quality (their default output here).
     """
     preset_name = "small" if "small" in bench.config.presets else next(iter(bench.config.presets))
     preset = bench.config.presets[preset_name]
