@@ -174,14 +174,17 @@ def _duration(path: str, value: Any) -> int:
 
 
 def _lifetimes(path: str, raw: dict[str, Any]) -> dict[str, Any]:
-    """``raw`` with its optional ``cache_valid`` in seconds, its ``cache_control`` checked as a header value."""
+    """``raw`` with its optional validities (``cache_valid``, ``fallback_cache_valid``) in seconds and its
+    ``Cache-Control`` values checked as header values; ``path`` is "" at the top level."""
     raw = dict(raw)
-    if raw.get("cache_valid") is not None:
-        raw["cache_valid"] = _duration(f"{path}.cache_valid", raw["cache_valid"])
+    prefix = f"{path}." if path else ""
+    for name in ("cache_valid", "fallback_cache_valid"):
+        if raw.get(name) is not None:
+            raw[name] = _duration(prefix + name, raw[name])
     for name in ("cache_control", "fallback_cache_control"):
         value = raw.get(name)
         if value is not None and not (isinstance(value, str) and re.fullmatch(r"[ -~]+", value)):
-            raise ConfigError(f"{path}{'.' if path else ''}{name}: expected a header value (printable ASCII)")
+            raise ConfigError(f"{prefix}{name}: expected a header value (printable ASCII)")
     return raw
 
 
@@ -319,9 +322,6 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
 
     sections = ("presets", "origins", "memcached", "limits", "encoding", "signing")
     scalars = _lifetimes("", {k: v for k, v in raw.items() if k not in sections})
-    for name in ("cache_valid", "fallback_cache_valid"):
-        if name in scalars:
-            scalars[name] = _duration(name, scalars[name])
     private = environ.get("PHIZER_ALLOW_PRIVATE_ORIGINS", "").strip().lower()
     if private:
         if private not in ("1", "true", "0", "false"):
