@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(STATE / old, ignore_errors=True)
 
     if wanted & {"b1", "b2", "b3", "b5", "b7"}:
-        env = {"PHIZER_ORIGINS": f"file://{originals.root}"}
+        # A folder on this disk, as a production folder origin is best configured: memcached would only copy
+        # what the page cache already holds (README, Origins); B4 keeps memcached in front of its S3 origin.
+        env = {"PHIZER_ORIGINS": f"file://{originals.root}?memcached=off"}
         with (
             Stack(STATE / "stack", port=free_port(), instances=len(cpus), env=env) as stack,
             Peers(STATE / "peer", originals.root, STATE / "static", len(cpus), stack.config.encoding, cpus) as peers,

@@ -165,11 +165,12 @@ def create_app(
     ``config.render_threads`` slots shared through ``$PHIZER_SLOTS_DIR`` (private to the process without it).
     """
     if store is None:
+        chain = OriginChain([make_origin(url, config) for url in config.origins])
         cache = None
-        if config.memcached.servers:
+        if config.memcached.servers and chain.memcached:
             namespace = origins_namespace(config.origins)
             cache = MemcachedOriginals(config.memcached, config.limits, namespace, config.fallback_cache_valid)
-        store = OriginalStore(OriginChain([make_origin(url, config) for url in config.origins]), cache)
+        store = OriginalStore(chain, cache)
     configure_decoders(config.limits)
     instance = instance if config.instance_header else ""
     pipeline = pipeline or Pipeline(config.encoding, config.limits)

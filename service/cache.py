@@ -319,8 +319,10 @@ class OriginalStore:
             original = fetch() if deadline is None else before_deadline(fetch, deadline)
         timings.source = "origin"
         ORIGINALS.labels("origin").inc()
-        if self.cache is not None and self.background:
+        if self.cache is None or not original.memcached:
+            return original
+        if self.background:
             threading.Thread(target=self.cache.set, args=(key, original), name="memcached-store", daemon=True).start()
-        elif self.cache is not None:
+        else:
             self.cache.set(key, original)
         return original

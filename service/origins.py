@@ -99,6 +99,7 @@ class Original:
     digest: str
     focus: Focus | None = None
     fallback: bool = False
+    memcached: bool = True  # kept in memcached: its origin's ``memcached`` option (the chain sets it)
 
     @classmethod
     def from_bytes(cls, data: bytes, focus: Focus | None = None, fallback: bool = False) -> Original:
@@ -124,6 +125,7 @@ class Origin(Protocol):
     not there; ``probe`` (for /readyz) raises OriginFailure when the origin cannot be reached at all."""
 
     url: str
+    memcached: bool  # whether the originals cache keeps what it serves (the URL's ``memcached`` option)
 
     def fetch(self, key: str) -> Original | None: ...
 
@@ -159,6 +161,12 @@ def reads(read1: Callable[[int], bytes | None]) -> Iterator[bytes]:
         yield chunk
 
 
+# Every origin kind takes ``memcached=off``: memcached saves slow or paid fetches (S3, a remote web server); in
+# front of a folder on a local disk it only costs CPU (storing and reading back every original over a socket,
+# checking its digest) to save a read from the page cache, several times faster. Default on, for every kind.
+MEMCACHED_OPTION = {"memcached": ("on", "off")}
+
+
 def url_options(url: str, allowed: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
     """An origin URL's query options, each at most once and with one of its allowed values (the first is the default).
 
@@ -170,7 +178,7 @@ def url_options(url: str, allowed: Mapping[str, tuple[str, ...]]) -> dict[str, s
     names = [name for name, _ in options]
     if len(set(names)) < len(names) or any(value not in allowed.get(name, ()) for name, value in options):
         choices = "; ".join(" or ".join(f"{name}={value}" for value in values) for name, values in allowed.items())
-        raise ConfigError(f"{url}: {parts.scheme} origins take {choices or 'no options'}; got {parts.query!r}")
+        raise ConfigError(f"{url}: {parts.scheme} origins take {choices}; got {parts.query!r}")
     return {name: values[0] for name, values in allowed.items()} | dict(options)
 
 
@@ -178,7 +186,7 @@ class FileOrigin:
     """Originals in a local folder. Keys never escape it, not even through symlinks."""
 
     def __init__(self, url: str, limits: Limits) -> None:
-        url_options(url, {})
+        self.memcached = url_options(url, MEMCACHED_OPTION)["memcached"] == "on"
         self.url = url
         self.root = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).resolve()
         self.limits = limits
@@ -228,7 +236,9 @@ class HttpOrigin:
         parts = urllib.parse.urlsplit(url)
         self.url = url
         self.base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
-        self.follow_redirects = url_options(url, {"redirects": ("none", "same-host")})["redirects"] == "same-host"
+        options = url_options(url, {"redirects": ("none", "same-host"), **MEMCACHED_OPTION})
+        self.follow_redirects = options["redirects"] == "same-host"
+        self.memcached = options["memcached"] == "on"
         self.limits = limits
         self.allow_private = allow_private
 
@@ -356,7 +366,9 @@ class S3Origin:
         self.url = url
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
-        self.forbidden_is_missing = url_options(url, {"forbidden": ("failure", "missing")})["forbidden"] == "missing"
+        options = url_options(url, {"forbidden": ("failure", "missing"), **MEMCACHED_OPTION})
+        self.forbidden_is_missing = options["forbidden"] == "missing"
+        self.memcached = options["memcached"] == "on"
         self.limits = limits
         self.max_pool_connections = max_pool_connections
 
@@ -456,6 +468,11 @@ class OriginChain:
     def __init__(self, origins: Sequence[Origin]) -> None:
         self.origins = list(origins)
 
+    @property
+    def memcached(self) -> bool:
+        """Whether any origin's originals are kept in memcached (if none is, memcached is not even asked)."""
+        return any(origin.memcached for origin in self.origins)
+
     def unreachable(self) -> list[str]:
         """Origins that cannot be reached at all, as "origin N (kind)" (for /readyz; the detail goes to the log)."""
         down = []
@@ -478,7 +495,7 @@ class OriginChain:
                 failures.append(exc)
                 continue
             if original is not None:
-                return replace(original, fallback=index > 0)
+                return replace(original, fallback=index > 0, memcached=origin.memcached)
         # The public reason never names an origin (bucket, host, path): the detail is for the log only.
         if failures and all(isinstance(exc, OriginTimeout) for exc in failures):
             raise GatewayTimeout("origin timed out", str(failures[-1]))

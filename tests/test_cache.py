@@ -22,8 +22,8 @@ from service.cache import (
     chunk_keys,
     origins_namespace,
 )
-from service.config import Limits, MemcachedOptions
-from service.origins import Original
+from service.config import ConfigError, Limits, MemcachedOptions, parse_config
+from service.origins import Original, OriginChain, make_origin
 from tests import support
 
 NAMESPACE = origins_namespace(["s3://tests/originals"])
@@ -238,6 +238,24 @@ def test_store_is_cache_aside(memcached_server: str) -> None:
     assert store.get("store-key").data == b"store-key"
     assert OriginalStore(origin, cache).get("store-key").data == b"store-key"  # another instance: a hit
     assert origin.calls == 1
+
+
+def test_originals_of_an_origin_with_memcached_off_are_not_stored(memcached_server: str, tmp_path: Path) -> None:
+    """``memcached=off`` on an origin (a local folder): what it serves is never written to memcached, while the
+    originals of the chain's other origins still are; a chain with no origin on needs no memcached at all."""
+    (tmp_path / "local.jpg").write_bytes(b"on disk")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "remote.jpg").write_bytes(b"fetched")
+    config = parse_config({"origins": [f"file://{tmp_path}"], "presets": {"s": {"width": 1}}}, {})
+    local = make_origin(f"file://{tmp_path}?memcached=off", config)
+    other = make_origin(f"file://{tmp_path}/elsewhere", config)
+    cache = _cache(memcached_server)
+    store = OriginalStore(OriginChain([local, other]), cache, background=False)
+    assert store.get("local.jpg").data == b"on disk" and cache.get("local.jpg") is None
+    assert store.get("remote.jpg").data == b"fetched" and cache.get("remote.jpg") == store.get("remote.jpg")
+    assert OriginChain([local, other]).memcached and not OriginChain([local]).memcached
+    with pytest.raises(ConfigError, match="memcached=on or memcached=off"):
+        make_origin(f"file://{tmp_path}?memcached=no", config)
 
 
 def test_store_writes_memcached_in_the_background(memcached_server: str) -> None:

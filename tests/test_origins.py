@@ -374,6 +374,8 @@ def test_origin_url_options_are_checked() -> None:
     http_origin = HttpOrigin("http://h:81/pre/fix/?redirects=same-host", Limits())
     assert http_origin.base == "http://h:81/pre/fix" and http_origin.follow_redirects  # keys never go after the query
     assert not HttpOrigin("https://h/p?redirects=none", Limits()).follow_redirects
+    for kind in ("s3://b/p", "http://h/p", "file:///srv/img"):  # memcached: on unless an origin says off
+        assert make_origin(kind, config).memcached and not make_origin(f"{kind}?memcached=off", config).memcached
     for url, expected in (
         ("s3://b/p?forbiden=missing", "forbidden=failure or forbidden=missing"),
         ("s3://b/p?forbidden=maybe", "forbidden=failure or forbidden=missing"),
@@ -384,7 +386,8 @@ def test_origin_url_options_are_checked() -> None:
         ("https://h/p?redirects=all", "redirects=none or redirects=same-host"),
         ("http://h/p?redirects=none&redirects=same-host", "redirects=none or redirects=same-host"),
         ("http://h/p?forbidden=missing", "redirects=none or redirects=same-host"),
-        ("file:///srv/img?redirects=none", "no options"),
+        ("file:///srv/img?redirects=none", "memcached=on or memcached=off"),
+        ("s3://b/p?memcached=0", "memcached=on or memcached=off"),
     ):
         with pytest.raises(ConfigError, match=expected):
             make_origin(url, config)
@@ -524,6 +527,7 @@ class Fake:
 
     def __init__(self, result: bytes | Exception | None) -> None:
         self.url = "fake://"
+        self.memcached = True
         self.result = result
         self.calls = 0
 
