@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import itertools
 import math
 import os
 import struct
@@ -210,10 +211,19 @@ def animation_frames(data: bytes, im: Image.Image, limits: Limits, encoding: Enc
             return 0
     if im.format != "GIF":
         with decoding():
-            frames = im.n_frames
+            frames = im.n_frames - hidden_frames(im)
+    if frames < 2:  # an APNG whose animation is one frame besides its hidden default image
+        return 0
     if frames > limits.max_frames or frames * canvas[0] * canvas[1] > limits.max_animation_pixels:
         return 0
     return frames
+
+
+def hidden_frames(im: Image.Image) -> int:
+    """Frames Pillow counts that are not part of the animation: an APNG may declare its default image (the still
+    that viewers without APNG show, e.g. "animation not supported") outside the animation, and Pillow still makes
+    it frame 0. Browsers never play it, so neither do we; as a still, the original is that default image."""
+    return 1 if im.format == "PNG" and im.info.get("default_image") else 0
 
 
 def load(ctx: RenderContext) -> Intermediate:
@@ -494,7 +504,7 @@ class Pipeline:
         durations = []
         transparent = False  # padded transparently when the first frame has transparency, like a still
         with decoding(), ctx.timings.stage("decode"):
-            for frame in ImageSequence.Iterator(ctx.source):
+            for frame in itertools.islice(ImageSequence.Iterator(ctx.source), hidden_frames(ctx.source), None):
                 rgba = frame.convert("RGBA")  # loads the frame: only then does WebP fill in its duration
                 durations.append(min(max(round(frame.info.get("duration", 100)), 0), MAX_FRAME_MS))
                 still = to_srgb(orient(crop_resize(Intermediate(rgba, 1.0), ctx.layout), ctx.orientation), ctx.icc)

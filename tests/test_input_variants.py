@@ -98,6 +98,26 @@ def test_apng_stays_animated_as_webp_and_is_a_still_as_png() -> None:
     assert (still.format, getattr(still, "n_frames", 1)) == ("PNG", 1) and close_to(mean(still), RED)
 
 
+def test_apng_hidden_default_image_is_not_a_frame() -> None:
+    """An APNG may keep its default image (what viewers without APNG show) out of the animation: browsers play only
+    the frames after it. Pillow counts it as frame 0 all the same; it must not become the first frame we play."""
+    frames = [picture(RED), picture(GREEN), picture(BLUE)]
+    data = saved(frames[0], "PNG", save_all=True, append_images=frames[1:], default_image=True, duration=100, loop=0)
+    assert Image.open(io.BytesIO(data)).n_frames == 3  # what Pillow says
+    for negotiated, fmt in (("webp", "WEBP"), ("", "GIF")):
+        out = decode(render(PIPELINE, data, SMALL, negotiated=negotiated).body)
+        assert (out.format, out.n_frames) == (fmt, 2)
+        for index, colour in enumerate((GREEN, BLUE)):
+            out.seek(index)
+            assert close_to(mean(out), colour), (fmt, index, mean(out))
+    still = decode(render(PIPELINE, data, SMALL, forced_format="png").body)
+    assert close_to(mean(still), RED)  # as a still, the file's default image
+    # Two frames, one of them hidden: a still, not a one-frame animation.
+    single = saved(frames[0], "PNG", save_all=True, append_images=frames[1:2], default_image=True, duration=100)
+    out = decode(render(PIPELINE, single, SMALL, negotiated="webp").body)
+    assert (out.format, getattr(out, "n_frames", 1)) == ("WEBP", 1) and close_to(mean(out), RED)
+
+
 @pytest.mark.parametrize("lossless", [True, False], ids=["lossless", "lossy"])
 def test_webp_with_alpha_keeps_it_and_flattens_for_jpeg(lossless: bool) -> None:
     im = picture(BLUE, "RGBA")
