@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import time
 import urllib.parse
 import urllib.request
@@ -182,3 +183,31 @@ def test_over_long_urls_get_one_plain_line(stack: Stack) -> None:
     assert (resp.status, body) == (400, f"key longer than {stack.config.limits.max_key_bytes} bytes\n")
     resp, body, _ = fetch(stack, "/small/" + "%C3%A9" * 2000 + ".jpg", ANY)
     assert (resp.status, body) == (414, "request line too long\n")
+
+
+def raw_exchange(address: str | tuple[str, int], request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` as is (to a TCP address, or a unix socket's path) and read the answer to its end."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family) as conn:
+        conn.settimeout(30)
+        conn.connect(address)
+        conn.sendall(request)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def test_gunicorns_own_refusals_are_one_plain_line(stack: Stack) -> None:
+    """gunicorn refuses some requests before the app sees them, in HTML of its own: over 100 headers (nginx passes
+    them on) and, straight to an instance, a request line it cannot parse. One plain line each, like the app's."""
+    many = "".join(f"X-Header-{i}: {i}\r\n" for i in range(120))
+    request = f"GET /small/cat.jpg HTTP/1.1\r\nHost: phizer\r\n{many}Connection: close\r\n\r\n".encode()
+    status, headers, body = raw_exchange(("127.0.0.1", stack.port), request)
+    assert (status, body) == (431, b"request header fields too large\n")
+    assert headers["content-type"] == "text/plain; charset=utf-8" and headers["x-cache-status"] == "MISS"
+    status, headers, body = raw_exchange(str(stack.socket_path(0)), b"NOT HTTP AT ALL\r\n\r\n")
+    assert (status, body, headers["content-type"]) == (400, b"bad request\n", "text/plain; charset=utf-8")
