@@ -12,6 +12,8 @@ import struct
 import pytest
 from PIL import Image, ImageStat
 
+from service import pipeline
+from service.errors import UnsupportedMedia
 from service.pipeline import Pipeline
 from service.presets import Preset
 from tests.imaging import DEFAULT_CONFIG, decode, render
@@ -69,6 +71,16 @@ def test_mpo_is_served_as_its_first_jpeg() -> None:
         out = decode(rendition.body)
         assert (rendition.format, out.size, getattr(out, "n_frames", 1)) == (fmt, (160, 120), 1)
         assert close_to(mean(out), RED)
+
+
+def test_a_label_we_have_no_rules_for_is_a_415_not_a_500(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's decoders may label a variant of their format differently (the JPEG decoder says "MPO"): a label
+    without rules of ours is refused as unsupported, never a KeyError further down."""
+    data = saved(picture(RED), "MPO", save_all=True, append_images=[picture(BLUE)])
+    monkeypatch.delitem(pipeline.SOURCE_FORMATS, "MPO")
+    with pytest.raises(UnsupportedMedia) as refused:
+        render(PIPELINE, data, SMALL)
+    assert refused.value.detail == "Pillow labels it 'MPO'"
 
 
 def test_mpo_uses_shrink_on_load() -> None:
