@@ -1,4 +1,5 @@
-"""Real-world variants of the four input formats that Pillow opens or labels differently: each is served.
+"""Real-world variants of the four input formats that Pillow opens or labels differently: each is served, by the
+pipeline and through the real stack (nginx, gunicorn, memcached).
 
 Generated files, each with a known colour, so a test can tell the right picture (an MPO's first image, not its
 second; every frame of a GIF with its own palette) from a wrong one.
@@ -8,14 +9,18 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Callable, Iterator
 
 import pytest
+import requests
 from PIL import Image, ImageStat
 
 from service import pipeline
 from service.errors import UnsupportedMedia
+from service.launcher import Stack
 from service.pipeline import Pipeline
 from service.presets import Preset
+from service.procs import free_port
 from tests.imaging import DEFAULT_CONFIG, decode, render
 
 PIPELINE = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
@@ -61,6 +66,57 @@ def gif_with_local_palettes() -> bytes:
     """Three frames whose palettes differ, so each frame gets its own local colour table."""
     frames = [picture(colour).quantize(colors=4) for colour in (RED, GREEN, BLUE)]
     return saved(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0, optimize=False)
+
+
+def apng(default_image: bool = False) -> bytes:
+    """Red, green, blue frames; with ``default_image`` the red one is the default image, outside the animation."""
+    frames = [picture(RED), picture(GREEN), picture(BLUE)]
+    return saved(frames[0], "PNG", save_all=True, append_images=frames[1:], default_image=default_image, duration=100)
+
+
+def webp_with_alpha() -> bytes:
+    im = picture(RED, "RGBA")
+    im.putalpha(Image.linear_gradient("L").resize(im.size))
+    return saved(im, "WEBP", lossless=True)
+
+
+# Through the real stack: name -> (the file, the colour of the first frame played, frames as WebP, format for
+# clients that take neither WebP nor AVIF).
+VARIANTS: dict[str, tuple[Callable[[], bytes], tuple[int, int, int], int, str]] = {
+    "mpo.jpg": (lambda: saved(picture(RED), "MPO", save_all=True, append_images=[picture(BLUE)]), RED, 1, "JPEG"),
+    "jfxx.jpg": (jfxx_jpeg, RED, 1, "JPEG"),
+    "apng.png": (apng, RED, 3, "GIF"),
+    "apng-hidden-default.png": (lambda: apng(default_image=True), GREEN, 2, "GIF"),
+    "lossless-alpha.webp": (webp_with_alpha, RED, 1, "PNG"),
+    "lossless.webp": (lambda: saved(picture(RED), "WEBP", lossless=True), RED, 1, "JPEG"),
+    "local-palettes.gif": (gif_with_local_palettes, RED, 3, "GIF"),
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    state = tmp_path_factory.mktemp("variants")
+    folder = state / "originals"
+    folder.mkdir()
+    for name, (make, *_) in VARIANTS.items():
+        (folder / name).write_bytes(make())
+    with Stack(state / "stack", port=free_port(), instances=1, env={"PHIZER_ORIGINS": f"file://{folder}"}) as started:
+        yield started
+
+
+def test_every_variant_is_served_through_the_stack(stack: Stack) -> None:
+    """Each variant through nginx, gunicorn and memcached: WebP for browsers that take it (animations animated),
+    the plain fallback format for the others, the right picture first."""
+    for name, (_, colour, frames, fallback) in VARIANTS.items():
+        for accept, fmt, count in (
+            ("image/webp,*/*", "WEBP", frames),
+            ("*/*", fallback, frames if fallback == "GIF" else 1),
+        ):
+            resp = requests.get(f"{stack.url}/small/{name}", headers={"Accept": accept}, timeout=30)
+            assert resp.status_code == 200, (name, accept, resp.text)
+            out = decode(resp.content)
+            assert (out.format, getattr(out, "n_frames", 1)) == (fmt, count), (name, accept)
+            assert close_to(mean(out), colour), (name, accept, mean(out))
 
 
 def test_mpo_is_served_as_its_first_jpeg() -> None:
