@@ -228,6 +228,23 @@ def hidden_frames(im: Image.Image) -> int:
     return 1 if im.format == "PNG" and im.info.get("default_image") else 0
 
 
+def decoded_frames(im: Image.Image) -> Iterator[tuple[Image.Image, float]]:
+    """An animation's frames as Pillow composites them (RGBA), each with its duration in ms, hidden ones skipped.
+
+    Only the decoding runs under ``decoding()`` (a cut or corrupt frame is the file's fault); what the caller does
+    with each frame is not, so a bug of ours there stays a 500.
+    """
+    frames = itertools.islice(ImageSequence.Iterator(im), hidden_frames(im), None)
+    while True:
+        with decoding():
+            frame = next(frames, None)
+            if frame is None:
+                return
+            rgba = frame.convert("RGBA")  # loads the frame: only then does WebP fill in its duration
+            duration = frame.info.get("duration", 100)
+        yield rgba, duration
+
+
 def load(ctx: RenderContext) -> Intermediate:
     """Decode the pixels, shrinking on load where the decoder can (JPEG DCT scaling, sized by ``DRAFT_GAP``).
 
@@ -308,9 +325,12 @@ def smart_crop(ctx: RenderContext, source: Intermediate) -> None:
 
 
 def crop_resize(source: Intermediate, lay: Layout) -> Image.Image:
-    """The preset's region of the original at the output size (before orientation): a new image of our own."""
-    with decoding():
-        return source.region(lay.raw_size, lay.box)
+    """The preset's region of the original at the output size (before orientation): a new image of our own.
+
+    Not under ``decoding()``: the pixels are decoded already, so an error here is never the file's (a bad box or
+    mode would be ours, raised inside Pillow all the same) and stays a logged 500.
+    """
+    return source.region(lay.raw_size, lay.box)
 
 
 def orient(im: Image.Image, orientation: int) -> Image.Image:
@@ -505,10 +525,9 @@ class Pipeline:
         frames: list[Image.Image] = []
         durations = []
         transparent = False  # padded transparently when the first frame has transparency, like a still
-        with decoding(), ctx.timings.stage("decode"):
-            for frame in itertools.islice(ImageSequence.Iterator(ctx.source), hidden_frames(ctx.source), None):
-                rgba = frame.convert("RGBA")  # loads the frame: only then does WebP fill in its duration
-                durations.append(min(max(round(frame.info.get("duration", 100)), 0), MAX_FRAME_MS))
+        with ctx.timings.stage("decode"):
+            for rgba, duration in decoded_frames(ctx.source):
+                durations.append(min(max(round(duration), 0), MAX_FRAME_MS))
                 still = to_srgb(orient(crop_resize(Intermediate(rgba, 1.0), ctx.layout), ctx.orientation), ctx.icc)
                 if ctx.preset.fit == "pad":
                     transparent = transparent or (not frames and has_transparency(still))
