@@ -35,7 +35,8 @@ colour transforms, the settings).
 
 Errors: anything that is not a JPEG/PNG/WebP/GIF is ``UnsupportedMedia``; a corrupt or truncated file is
 ``Unprocessable`` (never a half-decoded image); too many pixels, checked from the header before decoding, is
-``TooLarge``. Only errors raised inside Pillow count as the file's fault: a bug of ours stays a logged 500.
+``TooLarge``. Only errors raised inside Pillow while it opens or decodes count as the file's fault (``decoding()``
+wraps nothing else): a bug of ours stays a logged 500, even when Pillow raises it.
 """
 
 from __future__ import annotations
