@@ -31,6 +31,8 @@ import socket
 import weakref
 from typing import Any
 
+from gunicorn import util
+
 worker_class = "gevent"
 workers = 1
 worker_connections = int(os.environ.get("PHIZER_WORKER_CONNECTIONS", "1000"))
@@ -122,7 +124,26 @@ def child_exit(server: Any, worker: Any) -> None:
         multiprocess.mark_process_dead(worker.pid)
 
 
+def plain_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own refusals (a malformed request line, over 100 headers: 431, which nginx passes through) in one
+    plain line like the app's errors (service/errors.py), instead of gunicorn's HTML page. ``mesg`` may echo the
+    request: it is left out, as the app leaves out an error's detail. Installed by ``post_fork``."""
+    body = f"{reason.lower()}\n".encode("latin-1")
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
 def post_fork(server: object, worker: object) -> None:
+    """In each worker, before it loads the app: gunicorn's own errors as plain lines (gunicorn has no setting for
+    it; its workers write them with ``gunicorn.util.write_error``), and malloc tuned for threaded renders."""
+    util.write_error = plain_error
+    tune_malloc()
+
+
+def tune_malloc() -> None:
     """Keep the worker's memory from creeping up under threaded renders (glibc malloc tuning).
 
     Renders run on native threads (service/offload.py): glibc gives each thread its own arena, and after large

@@ -35,7 +35,8 @@ colour transforms, the settings).
 
 Errors: anything that is not a JPEG/PNG/WebP/GIF is ``UnsupportedMedia``; a corrupt or truncated file is
 ``Unprocessable`` (never a half-decoded image); too many pixels, checked from the header before decoding, is
-``TooLarge``. Only errors raised inside Pillow count as the file's fault: a bug of ours stays a logged 500.
+``TooLarge``. Only errors raised inside Pillow while it opens or decodes count as the file's fault (``decoding()``
+wraps nothing else): a bug of ours stays a logged 500, even when Pillow raises it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import itertools
 import math
 import os
 import struct
@@ -167,6 +169,8 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
     """Read the header only, and refuse an oversized image before a single pixel is decoded."""
     with decoding():
         im = Image.open(io.BytesIO(data), formats=DECODERS)
+    if im.format not in SOURCE_FORMATS:  # a decoder's label we have no rules for (as MPO once was): never a 500
+        raise UnsupportedMedia("not an image, or not JPEG, PNG, WebP or GIF", f"Pillow labels it {im.format!r}")
     width, height = im.size
     if width * height > limits.max_pixels:
         raise TooLarge(f"image has {width}x{height} pixels, more than the limit of {limits.max_pixels}")
@@ -210,10 +214,36 @@ def animation_frames(data: bytes, im: Image.Image, limits: Limits, encoding: Enc
             return 0
     if im.format != "GIF":
         with decoding():
-            frames = im.n_frames
+            frames = im.n_frames - hidden_frames(im)
+    if frames < 2:  # an APNG whose animation is one frame besides its hidden default image
+        return 0
     if frames > limits.max_frames or frames * canvas[0] * canvas[1] > limits.max_animation_pixels:
         return 0
     return frames
+
+
+def hidden_frames(im: Image.Image) -> int:
+    """Frames Pillow counts that are not part of the animation: an APNG may declare its default image (the still
+    that viewers without APNG show, e.g. "animation not supported") outside the animation, and Pillow still makes
+    it frame 0. Browsers never play it, so neither do we; as a still, the original is that default image."""
+    return 1 if im.format == "PNG" and im.info.get("default_image") else 0
+
+
+def decoded_frames(im: Image.Image) -> Iterator[tuple[Image.Image, float]]:
+    """An animation's frames as Pillow composites them (RGBA), each with its duration in ms, hidden ones skipped.
+
+    Only the decoding runs under ``decoding()`` (a cut or corrupt frame is the file's fault); what the caller does
+    with each frame is not, so a bug of ours there stays a 500.
+    """
+    frames = itertools.islice(ImageSequence.Iterator(im), hidden_frames(im), None)
+    while True:
+        with decoding():
+            frame = next(frames, None)
+            if frame is None:
+                return
+            rgba = frame.convert("RGBA")  # loads the frame: only then does WebP fill in its duration
+            duration = frame.info.get("duration", 100)
+        yield rgba, duration
 
 
 def load(ctx: RenderContext) -> Intermediate:
@@ -296,9 +326,12 @@ def smart_crop(ctx: RenderContext, source: Intermediate) -> None:
 
 
 def crop_resize(source: Intermediate, lay: Layout) -> Image.Image:
-    """The preset's region of the original at the output size (before orientation): a new image of our own."""
-    with decoding():
-        return source.region(lay.raw_size, lay.box)
+    """The preset's region of the original at the output size (before orientation): a new image of our own.
+
+    Not under ``decoding()``: the pixels are decoded already, so an error here is never the file's (a bad box or
+    mode would be ours, raised inside Pillow all the same) and stays a logged 500.
+    """
+    return source.region(lay.raw_size, lay.box)
 
 
 def orient(im: Image.Image, orientation: int) -> Image.Image:
@@ -493,10 +526,9 @@ class Pipeline:
         frames: list[Image.Image] = []
         durations = []
         transparent = False  # padded transparently when the first frame has transparency, like a still
-        with decoding(), ctx.timings.stage("decode"):
-            for frame in ImageSequence.Iterator(ctx.source):
-                rgba = frame.convert("RGBA")  # loads the frame: only then does WebP fill in its duration
-                durations.append(min(max(round(frame.info.get("duration", 100)), 0), MAX_FRAME_MS))
+        with ctx.timings.stage("decode"):
+            for rgba, duration in decoded_frames(ctx.source):
+                durations.append(min(max(round(duration), 0), MAX_FRAME_MS))
                 still = to_srgb(orient(crop_resize(Intermediate(rgba, 1.0), ctx.layout), ctx.orientation), ctx.icc)
                 if ctx.preset.fit == "pad":
                     transparent = transparent or (not frames and has_transparency(still))

@@ -2,7 +2,7 @@
 with the same render done alone. Run as a script (tests/test_concurrency.py does) so that ``--gevent`` can
 monkey-patch before anything else is imported: then renders go through the gevent thread pool the app uses.
 
-Prints one JSON line: {"compared": N, "differed": M, "examples": [...]}.
+Prints one JSON line: {"compared": N, "differed": M, "originals": O, "forms": F, "failed_alone": X, "examples": [...]}.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import json
 from PIL import Image
 
 from service.config import load_config
+from service.formats import ORIENTATION_TAG
 from service.offload import make_spawn
 from service.pipeline import Pipeline
+from tests.support import CORPUS
 
 CONFIG = load_config(environ={"PHIZER_ORIGINS": "file:///nonexistent"})
 # Every output form a request can ask for: negotiated to nothing, WebP or AVIF, and each URL-forced format.
@@ -32,17 +34,24 @@ FORMS = [("", None), ("webp", None), ("avif", None), ("", "jpeg"), ("", "png"), 
 
 def originals() -> dict[str, bytes]:
     """Small originals (64x40: smaller than every preset box, so most presets need no resize at all: the path on
-    which a kept intermediate used to reach the encoders), in each input format."""
+    which a kept intermediate used to reach the encoders), in each input format; and JPEGs whose renders share more
+    than an intermediate: a cached colour transform (the corpus' Adobe RGB and CMYK profiles), an EXIF rotation."""
     gradient = Image.linear_gradient("L").resize((64, 40))
     rgb = Image.merge("RGB", (gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT), gradient.rotate(90)))
     rgba = rgb.copy()
     rgba.putalpha(gradient)
+    adobe_rgb = Image.open(CORPUS / "11_cups_adobergb.jpg").info["icc_profile"]
+    cmyk_profile = Image.open(CORPUS / "09_fallenleaf_cmyk.jpg").info["icc_profile"]
+    rotated = Image.Exif()
+    rotated[ORIENTATION_TAG] = 6
     files = {}
     for name, im, fmt, options in [
         ("jpeg", rgb, "JPEG", {"quality": 95}),
         ("png-alpha", rgba, "PNG", {}),
         ("webp", rgb, "WEBP", {"quality": 90}),
         ("gif-animated", rgb.convert("P"), "GIF", {"save_all": True, "append_images": [rgb.rotate(180).convert("P")]}),
+        ("jpeg-adobe-rgb-rotated", rgb, "JPEG", {"icc_profile": adobe_rgb, "exif": rotated.tobytes()}),
+        ("jpeg-cmyk-profile", rgb.convert("CMYK"), "JPEG", {"icc_profile": cmyk_profile}),
     ]:
         out = io.BytesIO()
         im.save(out, fmt, **options)
@@ -91,7 +100,9 @@ def main() -> None:
                 differed += 1
                 if len(examples) < 5:
                     examples.append([job[0], job[2].name, job[3], job[4], len(body), len(expected)])
-    print(json.dumps({"compared": compared, "differed": differed, "examples": examples}))
+    result = {"compared": compared, "differed": differed, "originals": len(originals()), "forms": len(FORMS)}
+    result["failed_alone"] = sum(body.startswith(b"failed: ") for body in alone)  # equal failures prove nothing
+    print(json.dumps({**result, "examples": examples}))
 
 
 if __name__ == "__main__":

@@ -96,6 +96,20 @@ def test_a_bug_of_ours_is_a_500_not_a_corrupt_image(corpus: Path, monkeypatch: p
     assert (resp.status_code, resp.text) == (500, "internal error\n")
 
 
+@pytest.mark.parametrize("name", ["16_storm_720_30k.jpg", "14_sunset_anim.gif"], ids=["still", "animation"])
+def test_a_bug_of_ours_failing_inside_pillow_is_a_500(corpus: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """A bad argument of ours makes Pillow raise inside its own code (here a resize setting it refuses): still our
+    bug, never "corrupt image". Only decoding counts as the file's fault, for stills and for every animation frame."""
+    from service import intermediates
+
+    monkeypatch.setattr(intermediates, "REDUCING_GAP", 0.5)  # Pillow: "reducing_gap must be 1.0 or greater"
+    client = falcon.testing.TestClient(
+        create_app(load_config(environ={}), store=FakeStore({name: (corpus / name).read_bytes()}))
+    )
+    resp = client.simulate_get(f"/small/{name}")
+    assert (resp.status_code, resp.text) == (500, "internal error\n")
+
+
 def test_a_file_pillow_cannot_decode_is_still_a_422(corpus: Path) -> None:
     truncated = (corpus / "05_storm_2.5mp_baseline.jpg").read_bytes()[:20000]
     client = falcon.testing.TestClient(create_app(load_config(environ={}), store=FakeStore({"t.jpg": truncated})))

@@ -1,7 +1,9 @@
-"""The originals cache against a real memcached, and single-flight under real concurrency."""
+"""The originals cache against a real memcached (and real instances sharing one), and single-flight under real
+concurrency."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+from PIL import Image
 from pymemcache.client.base import Client
 
 from service.cache import (
@@ -68,6 +72,28 @@ def test_namespaces_keep_deployments_apart(memcached_server: str) -> None:
     assert len(longest) <= 250 and " " not in longest
     with pytest.raises(ValueError):
         _cache(memcached_server, "with space")
+
+
+def test_deployments_with_other_origins_never_serve_each_others_originals(
+    memcached_server: str, tmp_path: Path
+) -> None:
+    """Two real instances sharing one memcached, each reading its own folder, where the same key is another picture:
+    the second renders its own original, not the one the first cached under that key."""
+    origins = {}
+    for name, size in {"one": (400, 200), "two": (200, 400)}.items():
+        (tmp_path / name).mkdir()
+        Image.new("RGB", size, "red").save(tmp_path / name / "same.jpg")
+        origins[name] = f"file://{tmp_path / name}"
+    served = []
+    for name, origin in origins.items():
+        with support.instance(tmp_path / f"instance-{name}", [origin], [memcached_server], name=name) as (_, url):
+            resp = requests.get(f"{url}/small/same.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
+            served.append(Image.open(io.BytesIO(resp.content)).size)
+        deadline = time.monotonic() + 10
+        while _cache(memcached_server, origins_namespace([origin])).head("same.jpg") is None:  # stored meanwhile
+            assert time.monotonic() < deadline, "the original never reached memcached: the test would prove nothing"
+            time.sleep(0.05)
+    assert served == [(320, 160), (200, 400)]  # "small" is 320 px wide, never enlarged: each its own picture
 
 
 def test_tampered_chunk_is_a_miss(memcached_server: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -1,4 +1,5 @@
-"""Real-world variants of the four input formats that Pillow opens or labels differently: each is served.
+"""Real-world variants of the four input formats that Pillow opens or labels differently: each is served, by the
+pipeline and through the real stack (nginx, gunicorn, memcached).
 
 Generated files, each with a known colour, so a test can tell the right picture (an MPO's first image, not its
 second; every frame of a GIF with its own palette) from a wrong one.
@@ -8,12 +9,18 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Callable, Iterator
 
 import pytest
+import requests
 from PIL import Image, ImageStat
 
+from service import pipeline
+from service.errors import UnsupportedMedia
+from service.launcher import Stack
 from service.pipeline import Pipeline
 from service.presets import Preset
+from service.procs import free_port
 from tests.imaging import DEFAULT_CONFIG, decode, render
 
 PIPELINE = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
@@ -61,6 +68,57 @@ def gif_with_local_palettes() -> bytes:
     return saved(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0, optimize=False)
 
 
+def apng(default_image: bool = False) -> bytes:
+    """Red, green, blue frames; with ``default_image`` the red one is the default image, outside the animation."""
+    frames = [picture(RED), picture(GREEN), picture(BLUE)]
+    return saved(frames[0], "PNG", save_all=True, append_images=frames[1:], default_image=default_image, duration=100)
+
+
+def webp_with_alpha() -> bytes:
+    im = picture(RED, "RGBA")
+    im.putalpha(Image.linear_gradient("L").resize(im.size))
+    return saved(im, "WEBP", lossless=True)
+
+
+# Through the real stack: name -> (the file, the colour of the first frame played, frames as WebP, format for
+# clients that take neither WebP nor AVIF).
+VARIANTS: dict[str, tuple[Callable[[], bytes], tuple[int, int, int], int, str]] = {
+    "mpo.jpg": (lambda: saved(picture(RED), "MPO", save_all=True, append_images=[picture(BLUE)]), RED, 1, "JPEG"),
+    "jfxx.jpg": (jfxx_jpeg, RED, 1, "JPEG"),
+    "apng.png": (apng, RED, 3, "GIF"),
+    "apng-hidden-default.png": (lambda: apng(default_image=True), GREEN, 2, "GIF"),
+    "lossless-alpha.webp": (webp_with_alpha, RED, 1, "PNG"),
+    "lossless.webp": (lambda: saved(picture(RED), "WEBP", lossless=True), RED, 1, "JPEG"),
+    "local-palettes.gif": (gif_with_local_palettes, RED, 3, "GIF"),
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    state = tmp_path_factory.mktemp("variants")
+    folder = state / "originals"
+    folder.mkdir()
+    for name, (make, *_) in VARIANTS.items():
+        (folder / name).write_bytes(make())
+    with Stack(state / "stack", port=free_port(), instances=1, env={"PHIZER_ORIGINS": f"file://{folder}"}) as started:
+        yield started
+
+
+def test_every_variant_is_served_through_the_stack(stack: Stack) -> None:
+    """Each variant through nginx, gunicorn and memcached: WebP for browsers that take it (animations animated),
+    the plain fallback format for the others, the right picture first."""
+    for name, (_, colour, frames, fallback) in VARIANTS.items():
+        for accept, fmt, count in (
+            ("image/webp,*/*", "WEBP", frames),
+            ("*/*", fallback, frames if fallback == "GIF" else 1),
+        ):
+            resp = requests.get(f"{stack.url}/small/{name}", headers={"Accept": accept}, timeout=30)
+            assert resp.status_code == 200, (name, accept, resp.text)
+            out = decode(resp.content)
+            assert (out.format, getattr(out, "n_frames", 1)) == (fmt, count), (name, accept)
+            assert close_to(mean(out), colour), (name, accept, mean(out))
+
+
 def test_mpo_is_served_as_its_first_jpeg() -> None:
     data = saved(picture(RED), "MPO", save_all=True, append_images=[picture(BLUE)], quality=90)
     assert Image.open(io.BytesIO(data)).format == "MPO"  # what Pillow calls it: it used to be a 500
@@ -69,6 +127,16 @@ def test_mpo_is_served_as_its_first_jpeg() -> None:
         out = decode(rendition.body)
         assert (rendition.format, out.size, getattr(out, "n_frames", 1)) == (fmt, (160, 120), 1)
         assert close_to(mean(out), RED)
+
+
+def test_a_label_we_have_no_rules_for_is_a_415_not_a_500(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's decoders may label a variant of their format differently (the JPEG decoder says "MPO"): a label
+    without rules of ours is refused as unsupported, never a KeyError further down."""
+    data = saved(picture(RED), "MPO", save_all=True, append_images=[picture(BLUE)])
+    monkeypatch.delitem(pipeline.SOURCE_FORMATS, "MPO")
+    with pytest.raises(UnsupportedMedia) as refused:
+        render(PIPELINE, data, SMALL)
+    assert refused.value.detail == "Pillow labels it 'MPO'"
 
 
 def test_mpo_uses_shrink_on_load() -> None:
@@ -96,6 +164,26 @@ def test_apng_stays_animated_as_webp_and_is_a_still_as_png() -> None:
     assert [close_to(c, colour) for c, colour in zip(colours, (RED, GREEN, BLUE), strict=True)] == [True] * 3
     still = decode(render(PIPELINE, data, SMALL, forced_format="png").body)
     assert (still.format, getattr(still, "n_frames", 1)) == ("PNG", 1) and close_to(mean(still), RED)
+
+
+def test_apng_hidden_default_image_is_not_a_frame() -> None:
+    """An APNG may keep its default image (what viewers without APNG show) out of the animation: browsers play only
+    the frames after it. Pillow counts it as frame 0 all the same; it must not become the first frame we play."""
+    frames = [picture(RED), picture(GREEN), picture(BLUE)]
+    data = saved(frames[0], "PNG", save_all=True, append_images=frames[1:], default_image=True, duration=100, loop=0)
+    assert Image.open(io.BytesIO(data)).n_frames == 3  # what Pillow says
+    for negotiated, fmt in (("webp", "WEBP"), ("", "GIF")):
+        out = decode(render(PIPELINE, data, SMALL, negotiated=negotiated).body)
+        assert (out.format, out.n_frames) == (fmt, 2)
+        for index, colour in enumerate((GREEN, BLUE)):
+            out.seek(index)
+            assert close_to(mean(out), colour), (fmt, index, mean(out))
+    still = decode(render(PIPELINE, data, SMALL, forced_format="png").body)
+    assert close_to(mean(still), RED)  # as a still, the file's default image
+    # Two frames, one of them hidden: a still, not a one-frame animation.
+    single = saved(frames[0], "PNG", save_all=True, append_images=frames[1:2], default_image=True, duration=100)
+    out = decode(render(PIPELINE, single, SMALL, negotiated="webp").body)
+    assert (out.format, getattr(out, "n_frames", 1)) == ("WEBP", 1) and close_to(mean(out), RED)
 
 
 @pytest.mark.parametrize("lossless", [True, False], ids=["lossless", "lossy"])

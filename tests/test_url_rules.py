@@ -4,7 +4,7 @@ config from them: checked row by row through real nginx and real instances, with
 For every URL of the table, nginx's hash key (``$phizer_key``, which picks the instance) and format token (in its
 cache key) are read from its access log and compared with what the app's own parser and negotiation make of the
 same URL; the instance that answered must be the one a plain request for the parsed key lands on, and the app's
-404 names the same key.
+404 names the same key. Paths nginx normalises (``NORMALISED``) are expected to be read as normalised, by both.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import time
 import urllib.parse
 import urllib.request
@@ -74,6 +75,15 @@ TABLE = [
     "/never/cat.jpg",
     "/never/cat.png.webp",
 ]
+# Paths nginx normalises before anything reads them (merged slashes, dot segments, escaped ones too): the instance
+# is sent the normalised path (the location's rewrite), so nginx's key and the app's come from the same path.
+NORMALISED = {
+    "/small//cat.jpg": "/small/cat.jpg",
+    "/small/a/./b/../cat.jpg": "/small/a/cat.jpg",
+    "/small/a%2F%2Fb.jpg": "/small/a/b.jpg",
+    "/small/a/%2e%2e/cat.jpg.webp": "/small/cat.jpg.webp",
+    "/small/a//b/Cat.JPG.WebP": "/small/a/b/Cat.JPG.WebP",
+}
 LOG_FIELDS = re.compile(r' fmt=(?P<fmt>\S*) key="(?P<key>(?:[^"\\]|\\.)*)" ')
 
 
@@ -121,10 +131,11 @@ def fetch(stack: Stack, path: str, accept: str) -> tuple[http.client.HTTPRespons
 def test_nginx_and_the_app_read_every_url_alike(stack: Stack) -> None:
     config = stack.config
     instances = set()
-    for path in TABLE:
+    for path, normalised in [*((path, path) for path in TABLE), *NORMALISED.items()]:
         for accept in ACCEPTS:
             suffixes = config.encoding.url_format_suffix
-            expected = parse_path(urllib.parse.unquote(path), config.presets, config.limits.max_key_bytes, suffixes)
+            key_path = urllib.parse.unquote(normalised)
+            expected = parse_path(key_path, config.presets, config.limits.max_key_bytes, suffixes)
             resp, body, (nginx_token, nginx_key) = fetch(stack, path, accept)
             where = (path, accept)
             assert nginx_key == expected.key, where
@@ -182,3 +193,32 @@ def test_over_long_urls_get_one_plain_line(stack: Stack) -> None:
     assert (resp.status, body) == (400, f"key longer than {stack.config.limits.max_key_bytes} bytes\n")
     resp, body, _ = fetch(stack, "/small/" + "%C3%A9" * 2000 + ".jpg", ANY)
     assert (resp.status, body) == (414, "request line too long\n")
+
+
+def raw_exchange(address: str | tuple[str, int], request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` as is (to a TCP address, or a unix socket's path) and read the answer to its end."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family) as conn:
+        conn.settimeout(30)
+        conn.connect(address)
+        conn.sendall(request)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def test_gunicorns_own_refusals_are_one_plain_line(stack: Stack) -> None:
+    """gunicorn refuses some requests before the app sees them, in HTML of its own: over 100 headers (nginx passes
+    them on) and, straight to an instance, a request line it cannot parse. One plain line each, like the app's."""
+    many = "".join(f"X-Header-{i}: {i}\r\n" for i in range(120))
+    # A key no other test asks for: a cached answer (the table's 404s) would never reach gunicorn.
+    request = f"GET /small/many-headers.jpg HTTP/1.1\r\nHost: phizer\r\n{many}Connection: close\r\n\r\n".encode()
+    status, headers, body = raw_exchange(("127.0.0.1", stack.port), request)
+    assert (status, body) == (431, b"request header fields too large\n")
+    assert headers["content-type"] == "text/plain; charset=utf-8" and headers["x-cache-status"] == "MISS"
+    status, headers, body = raw_exchange(str(stack.socket_path(0)), b"NOT HTTP AT ALL\r\n\r\n")
+    assert (status, body, headers["content-type"]) == (400, b"bad request\n", "text/plain; charset=utf-8")
