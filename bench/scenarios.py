@@ -304,7 +304,7 @@ def b3_single_preset(bench: Bench) -> dict[str, Any]:
 
 def service_pipeline(config: Config) -> Pipeline:
     """The pipeline exactly as the app builds it (service/app.py)."""
-    return Pipeline(config.encoding, config.limits)
+    return Pipeline(config.encoding, config.limits, config.presets.values())
 
 
 def _render_seconds(pipeline: Pipeline, data: bytes, preset_name: str, config: Config, clock: Callable[[], float],

@@ -173,7 +173,7 @@ def create_app(
         store = OriginalStore(chain, cache)
     configure_decoders(config.limits)
     instance = instance if config.instance_header else ""
-    pipeline = pipeline or Pipeline(config.encoding, config.limits)
+    pipeline = pipeline or Pipeline(config.encoding, config.limits, config.presets.values())
     if renderer is None:
         slots = config.render_threads or os.cpu_count() or 1
         budget = RenderBudget(slots, os.environ.get("PHIZER_SLOTS_DIR") or None)

@@ -96,6 +96,11 @@ class IntermediateCache:
             self.hits += 1
             return entry
 
+    def holds(self, digest: str) -> bool:
+        """Whether an intermediate of this original is kept, at whatever size."""
+        with self._lock:
+            return digest in self._entries
+
     def put(self, digest: str, entry: Intermediate) -> None:
         with self._lock:
             old = self._entries.pop(digest, None)

@@ -27,7 +27,9 @@ so a reader sees what happens to every pixel and in which order, and the output 
   the bytes of a profile in every thumbnail. Grayscale stays grayscale (a gray profile is dropped unconverted).
   CMYK without a profile falls back to Pillow's naive conversion, as there is no CMYK profile to assume.
 - Intermediates (service/intermediates.py): each instance keeps a small LRU of decoded, shrunk-on-load originals
-  by digest; a preset that needs no more pixels than the kept one resizes from it.
+  by digest; a preset that needs no more pixels than the kept one resizes from it. When a later preset needs
+  more, that second decode is made for the largest configured preset (``Pipeline.widest``): an original asked at
+  several sizes is decoded at most twice, whatever the order of its presets.
 
 Concurrency: renders run on several native threads at once. Everything a render changes is its own (the opened
 file, every image from ``crop_resize`` on, the context); what is shared is read-only (kept intermediates, cached
@@ -48,7 +50,7 @@ import itertools
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
 from types import TracebackType
@@ -246,14 +248,15 @@ def decoded_frames(im: Image.Image) -> Iterator[tuple[Image.Image, float]]:
         yield rgba, duration
 
 
-def load(ctx: RenderContext) -> Intermediate:
-    """Decode the pixels, shrinking on load where the decoder can (JPEG DCT scaling, sized by ``DRAFT_GAP``).
+def load(ctx: RenderContext, target: tuple[int, int]) -> Intermediate:
+    """Decode the pixels for a whole-original ``target`` size, shrinking on load where the decoder can (JPEG DCT
+    scaling, sized by ``DRAFT_GAP``).
 
     The result remembers the factor by which draft shrank it (1.0 without), so crop coordinates can be mapped
     into it exactly. At 1/8, a progressive JPEG is decoded from its DC scans alone (service/jpeg.py): the same
     pixels, 3-6x faster.
     """
-    im, target = ctx.source, ctx.layout.decode_size
+    im = ctx.source
     scale = 1.0
     if ctx.source_format == "jpeg" and target[0] * DRAFT_GAP < im.width and target[1] * DRAFT_GAP < im.height:
         width = im.width
@@ -425,9 +428,10 @@ def encode(ctx: RenderContext, frames: list[Image.Image], encoding: Encoding, **
 class Pipeline:
     """Renders originals to presets; one per worker, holding the encoder settings, limits and the intermediates."""
 
-    def __init__(self, encoding: Encoding, limits: Limits) -> None:
+    def __init__(self, encoding: Encoding, limits: Limits, presets: Iterable[Preset] = ()) -> None:
         self.encoding = encoding
         self.limits = limits
+        self.presets = tuple(presets)  # the configured presets: what an original asked at several sizes may need
         self.intermediates = IntermediateCache(limits.intermediate_cache_bytes)
 
     def render(
@@ -506,20 +510,36 @@ class Pipeline:
         decode-cost check (JPEG scans) runs only when decoding: a kept intermediate was checked when it was made.
         """
         keep = digest is not None and self.intermediates.max_bytes > 0
+        target = ctx.layout.decode_size
         if keep:
-            kept = self.intermediates.get(digest, ctx.layout.decode_size)
+            assert digest is not None
+            kept = self.intermediates.get(digest, target)
             ctx.timings.intermediate = "miss" if kept is None else "hit"
             if kept is not None:
                 return kept
+            if self.intermediates.holds(digest):
+                target = self.widest(ctx)
         with ctx.timings.stage("decode"):
             if ctx.source_format == "jpeg":
                 check_jpeg_scans(ctx.data, self.limits)
-            decoded = load(ctx)
+            decoded = load(ctx, target)
             if keep:
-                decoded = reduced(decoded, ctx.layout.decode_size)
+                decoded = reduced(decoded, target)
         if keep:
             self.intermediates.put(digest, decoded)
         return decoded
+
+    def widest(self, ctx: RenderContext) -> tuple[int, int]:
+        """The decode size that serves every configured preset of this original (and this render's own).
+
+        Asked for when an original's kept intermediate is too small for a second preset: the original is being
+        asked at several sizes (a page's thumbnail, then its large view), so this decode is made big enough for
+        all of them. An original is then decoded at most twice, however its presets are ordered, instead of once
+        per bigger preset; a site that only ever asks one preset never pays for more than it needs.
+        """
+        sizes = [layout(ctx.source.size, ctx.orientation, preset, ctx.focus).decode_size for preset in self.presets]
+        sizes.append(ctx.layout.decode_size)
+        return max(width for width, _ in sizes), max(height for _, height in sizes)
 
     def animation(self, ctx: RenderContext) -> Rendition:
         """Resize every frame (GIF/WebP give each frame fully composited), keeping durations and loop count."""

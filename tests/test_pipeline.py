@@ -358,6 +358,21 @@ def test_other_presets_of_an_original_render_from_its_intermediate(corpus: Path)
     # thumb decodes small; small fits in it; large needs a bigger decode, which then serves the rest.
     assert (per_request.intermediates.misses, per_request.intermediates.hits) == (2, 3)
 
+    # With the configured presets known, the second decode is made for the largest of them at once: thumb, then
+    # medium (too big for thumb's decode: decoded for large too), then large and small render from it.
+    knowing = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits, presets.values())
+    for name in ("thumb", "medium", "large", "small"):
+        assert render(knowing, data, presets[name]).width == output_size(6028, 3391, presets[name])[0]
+    assert (knowing.intermediates.misses, knowing.intermediates.hits) == (2, 2)
+    unknowing = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
+    for name in ("thumb", "medium", "large", "small"):
+        render(unknowing, data, presets[name])
+    assert (unknowing.intermediates.misses, unknowing.intermediates.hits) == (3, 1)
+    # One preset alone never decodes bigger than it needs: the first decode of an original is its own.
+    alone = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits, presets.values())
+    render(alone, data, presets["thumb"])
+    assert alone.intermediates.nbytes < 800 * 450 * 4
+
     off = Pipeline(DEFAULT_CONFIG.encoding, dataclasses.replace(DEFAULT_CONFIG.limits, intermediate_cache_bytes=0))
     render(off, data, presets["small"])
     render(off, data, presets["small"])
