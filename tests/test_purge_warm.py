@@ -284,6 +284,8 @@ def test_warm_renders_every_preset_and_token_then_all_hit(stack: Stack, config_p
     todo = len(WARM_KEYS) * 6  # thumb: WebP and not; small: AVIF, WebP and neither; fixed: one (/presets.json says)
     assert f"warmed {len(WARM_KEYS)} keys ({todo} renditions)" in warmed.stdout
     assert f"done: {todo} (MISS {todo})" in warmed.stdout and "errors: 0" in warmed.stdout
+    bar = warmed.stderr.strip().splitlines()[-1]  # tqdm's last line: done/total, elapsed<ETA, rate, errors
+    assert f"{todo}/{todo} [" in bar and "img/s" in bar and "errors=0" in bar, bar
     for key in WARM_KEYS:
         for preset in PRESETS:
             for accept in (AVIF, WEBP, JPEG, ""):
@@ -293,8 +295,9 @@ def test_warm_renders_every_preset_and_token_then_all_hit(stack: Stack, config_p
 
     again = phizer("warm", *WARM_KEYS, "--url", stack.url, "--no-progress")
     assert f"done: {todo} (HIT {todo})" in again.stdout
-    missing = phizer("warm", "w/none.jpg", "--url", stack.url, "--no-progress")
+    missing = phizer("warm", "w/none.jpg", "--url", stack.url)
     assert missing.returncode == 1 and "errors: 6 (404: 6)" in missing.stdout
+    assert "6/6 [" in missing.stderr and "errors=6" in missing.stderr.strip().splitlines()[-1], missing.stderr
 
 
 def test_warm_lists_s3_and_folder_origins(s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
