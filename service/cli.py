@@ -228,9 +228,9 @@ def parser() -> argparse.ArgumentParser:
         "purge",
         help="remove keys' cached renditions (nginx, on each host) and originals (memcached)",
         description="Remove every cached rendition of each KEY from nginx's cache on each host (every preset, "
-        "format token and format suffix), and the original from the shared memcached pool: the next request "
-        "re-fetches it from the origin. Each host's admin API answers loopback only (and nginx's admin_allow): "
-        "run this on each host, or allow the address it runs from.",
+        "format token and format suffix, and signed ad-hoc sizes), and the original from the shared memcached "
+        "pool: the next request re-fetches it from the origin. Each host's admin API answers loopback only (and "
+        "nginx's admin_allow): run this on each host, or allow the address it runs from.",
     )
     purge.add_argument("keys", nargs="+", metavar="KEY", help="an original's key, as in /<preset>/<key>")
     purge.add_argument(
@@ -251,7 +251,8 @@ def parser() -> argparse.ArgumentParser:
     warm = sub.add_parser(
         "warm",
         help="render every preset of keys through nginx, so first visitors get cache hits",
-        description="Request every preset (and each format token: WebP and not, for 'auto' presets) of the "
+        description="Request every preset (and each format token: AVIF, WebP and neither, as each 'auto' preset's "
+        "negotiation order allows) of the "
         "given keys, or of every key under --prefix in the config's first origin (s3:// or file://), through "
         "nginx, so each rendition is in its cache. A 503 is retried after its Retry-After.",
     )
