@@ -45,6 +45,12 @@ def stack(corpus: Path, tmp_path_factory: pytest.TempPathFactory, fallback: supp
 
 def test_counters_and_histograms_move_across_every_instance(stack: Stack, fallback: support.CountingProxy) -> None:
     before = support.metrics(stack.url)
+    for family, label, values in (
+        ("phizer_originals_total", "outcome", ("memcached", "origin")),
+        ("phizer_intermediates_total", "outcome", ("hit", "miss")),
+        ("phizer_origin_errors_total", "kind", ("timeout", "failure")),
+    ):  # in the first scrape already, at 0 (the stack served nothing yet)
+        assert all(before.get((family, frozenset({(label, value)}))) == 0 for value in values), family
     instances = set()
     for i in range(6):
         response = requests.get(f"{stack.url}/small/photo-{i}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
