@@ -43,6 +43,13 @@ def stack(corpus: Path, tmp_path_factory: pytest.TempPathFactory, fallback: supp
         yield started
 
 
+def app_log_lines(stack: Stack) -> list[dict]:
+    """Every instance's JSON log lines (gunicorn's own start-up lines are not JSON)."""
+    time.sleep(0.3)  # an instance logs just after answering
+    return [json.loads(line) for log in stack.logs.glob("app-*.log") for line in log.read_text().splitlines()
+            if line.startswith("{")]  # fmt: skip
+
+
 def test_counters_and_histograms_move_across_every_instance(stack: Stack, fallback: support.CountingProxy) -> None:
     before = support.metrics(stack.url)
     for family, label, values in (
@@ -59,9 +66,10 @@ def test_counters_and_histograms_move_across_every_instance(stack: Stack, fallba
     assert requests.get(f"{stack.url}/small/missing.jpg", timeout=30).status_code == 404
     fallback.status = 500  # the fallback origin fails: a 502, counted as an origin error
     try:
-        assert requests.get(f"{stack.url}/small/broken.jpg", timeout=30).status_code == 502
+        broken = requests.get(f"{stack.url}/small/broken.jpg", timeout=30)
     finally:
         fallback.status = None
+    assert (broken.status_code, broken.text) == (502, "origin failed\n")  # the detail is logged, never shown
     for i in range(2):  # the same original at another preset: memcached or the kept decode (intermediate) answer
         assert requests.get(f"{stack.url}/medium/photo-{i}.jpg", timeout=30).status_code == 200
     after = support.metrics(stack.url)
@@ -70,6 +78,9 @@ def test_counters_and_histograms_move_across_every_instance(stack: Stack, fallba
         return support.metric(after, name, **labels) - support.metric(before, name, **labels)
 
     assert len(instances) == 2  # the scrape below covers both
+    logged = next(line for line in app_log_lines(stack) if line.get("request_id") == broken.headers["X-Request-ID"])
+    assert (logged["status"], logged["path"], logged["key"]) == (502, "/small/broken.jpg", "broken.jpg")
+    assert fallback.url in logged["detail"] and "HTTP 500" in logged["detail"]
     assert moved("phizer_requests_total", preset="small", format="jpeg", status="200") == 6
     assert moved("phizer_requests_total", preset="small", format="", status="404") == 1
     assert moved("phizer_requests_total", preset="small", format="", status="502") == 1
@@ -100,10 +111,7 @@ def test_request_id_and_server_timing(stack: Stack) -> None:
         timings[match["name"]] = float(match["ms"])
     assert {"original", "decode", "resize", "encode", "total"} <= set(timings)
     assert timings["total"] >= timings["decode"]
-    time.sleep(0.3)
-    lines = [json.loads(line) for log in stack.logs.glob("app-*.log") for line in log.read_text().splitlines()
-             if line.startswith("{")]  # fmt: skip
-    logged = next(line for line in lines if line.get("request_id") == rid)
+    logged = next(line for line in app_log_lines(stack) if line.get("request_id") == rid)
     assert (logged["preset"], logged["key"], logged["status"], logged["format"]) == (
         "medium",
         "photo-6.jpg",
