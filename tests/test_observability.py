@@ -80,6 +80,7 @@ def test_counters_and_histograms_move_across_every_instance(stack: Stack, fallba
     assert len(instances) == 2  # the scrape below covers both
     logged = next(line for line in app_log_lines(stack) if line.get("request_id") == broken.headers["X-Request-ID"])
     assert (logged["status"], logged["path"], logged["key"]) == (502, "/small/broken.jpg", "broken.jpg")
+    assert logged["bytes"] == len(broken.content)
     assert fallback.url in logged["detail"] and "HTTP 500" in logged["detail"]
     assert moved("phizer_requests_total", preset="small", format="jpeg", status="200") == 6
     assert moved("phizer_requests_total", preset="small", format="", status="404") == 1
