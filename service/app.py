@@ -292,7 +292,8 @@ class _Observe:
         elif status == 504:
             DEADLINES.inc()
         line = {"request_id": req.context.request_id, "method": req.method, "path": req.path, **fields}
-        line.update(status=status, bytes=len(resp.data or b""), original=timings.source or None)
+        body = resp.data if resp.data is not None else (resp.text or "").encode()  # an image, or an error's line
+        line.update(status=status, bytes=len(body), original=timings.source or None)
         line.update(decoder=timings.decoder or None)
         line.update(stages_ms={name: round(s * 1000, 1) for name, s in dict(timings.stages).items()})
         line.update(instance=self.instance or None)

@@ -1,7 +1,7 @@
 """``phizer``: the one command line (installed into the venv by ``make install``; ``python -m service.cli`` too).
 
 phizer run [--port P ...]            the whole stack on this machine (what ``make run`` calls)
-phizer purge KEY... [--host URL]     forget keys' renditions (nginx, each host) and originals (memcached)
+phizer purge KEY... [--host URL]     forget keys' renditions (nginx, each host or --inventory's) and originals
 phizer warm KEY... | --prefix P      render every preset of keys through nginx ahead of visitors
 phizer check-config FILE             validate a config; print the effective presets and limits
 phizer sign WxH KEY... [--fit F]     print signed ad-hoc URLs (signing.keys or PHIZER_SIGNING_KEYS)
@@ -15,6 +15,8 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
 import urllib.parse
 from collections.abc import Sequence
@@ -37,11 +39,47 @@ def _base(url: str) -> str:
     return url.rstrip("/")
 
 
+def inventory_hosts(inventory: str, group: str) -> list[str]:
+    """The nginx URL of each host of ``group`` in an Ansible inventory (any form Ansible reads, with its
+    group_vars/host_vars: ``ansible-inventory --list``): ``http://<ansible_host or name>:<nginx_listen's port>``,
+    port 80 when the inventory does not set ``nginx_listen`` (the nginx role's default, 0.0.0.0:80)."""
+    tool = shutil.which("ansible-inventory", path=os.pathsep.join([os.path.dirname(sys.executable), os.defpath]))
+    if tool is None:
+        raise RuntimeError("ansible-inventory not found (it comes with Ansible: make install)")
+    run = subprocess.run([tool, "-i", inventory, "--list"], capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"ansible-inventory -i {inventory}: {run.stderr.strip().splitlines()[-1:]}")
+    listing = json.loads(run.stdout)
+    hostvars = listing.get("_meta", {}).get("hostvars", {})
+
+    def members(name: str) -> list[str]:
+        entry = listing.get(name, {})
+        return [*entry.get("hosts", []), *(host for child in entry.get("children", []) for host in members(child))]
+
+    hosts = list(dict.fromkeys(members(group)))
+    if not hosts:
+        raise RuntimeError(f"{inventory}: no host in group {group!r}")
+    urls = []
+    for host in hosts:
+        variables = hostvars.get(host, {})
+        port = str(variables.get("nginx_listen", "0.0.0.0:80")).rpartition(":")[2]
+        address = str(variables.get("ansible_host", host))
+        urls.append(f"http://{f'[{address}]' if ':' in address else address}:{port}")
+    return urls
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     from service.purge import PURGE_PATH
 
+    hosts = list(args.host or [])
+    if args.inventory:
+        try:
+            hosts += inventory_hosts(args.inventory, args.group)
+        except (RuntimeError, ValueError) as exc:
+            print(f"phizer purge: {exc}", file=sys.stderr)
+            return 1
     http, failed = _http(), False
-    for host in [_base(url) for url in args.host or [DEFAULT_URL]]:
+    for host in [_base(url) for url in hosts or [DEFAULT_URL]]:
         for start in range(0, len(args.keys), PURGE_BATCH):
             batch = args.keys[start : start + PURGE_BATCH]
             try:
@@ -190,23 +228,31 @@ def parser() -> argparse.ArgumentParser:
         "purge",
         help="remove keys' cached renditions (nginx, on each host) and originals (memcached)",
         description="Remove every cached rendition of each KEY from nginx's cache on each host (every preset, "
-        "format token and format suffix), and the original from the shared memcached pool: the next request "
-        "re-fetches it from the origin. Each host's admin API answers loopback only (and nginx's admin_allow): "
-        "run this on each host, or allow the address it runs from.",
+        "format token and format suffix, and signed ad-hoc sizes), and the original from the shared memcached "
+        "pool: the next request re-fetches it from the origin. Each host's admin API answers loopback only (and "
+        "nginx's admin_allow): run this on each host, or allow the address it runs from.",
     )
     purge.add_argument("keys", nargs="+", metavar="KEY", help="an original's key, as in /<preset>/<key>")
     purge.add_argument(
         "--host",
         action="append",
         metavar="URL",
-        help=f"a host's nginx (repeat for each host; default {DEFAULT_URL})",
+        help=f"a host's nginx (repeat for each host; default {DEFAULT_URL} unless --inventory is given)",
     )
+    purge.add_argument(
+        "--inventory",
+        metavar="INVENTORY",
+        help="an Ansible inventory (file or folder): purge on each host of --group, at http://<ansible_host>:<port "
+        "of nginx_listen, else 80>; those hosts' nginx_admin_allow must let this machine in",
+    )
+    purge.add_argument("--group", default="nginx", help="the inventory's group to purge on (default nginx)")
     purge.set_defaults(func=cmd_purge)
 
     warm = sub.add_parser(
         "warm",
         help="render every preset of keys through nginx, so first visitors get cache hits",
-        description="Request every preset (and each format token: WebP and not, for 'auto' presets) of the "
+        description="Request every preset (and each format token: AVIF, WebP and neither, as each 'auto' preset's "
+        "negotiation order allows) of the "
         "given keys, or of every key under --prefix in the config's first origin (s3:// or file://), through "
         "nginx, so each rendition is in its cache. A 503 is retried after its Retry-After.",
     )

@@ -50,7 +50,8 @@ class Limits:
     origin_connect_timeout: float = 3.0  # seconds
     origin_read_timeout: float = 10.0  # seconds per read on HTTP/S3 origins
     origin_total_timeout: float = 30.0  # seconds for a whole body, so a dripping origin cannot hold a request
-    memcached_timeout: float = 0.25  # seconds; a hung memcached costs at most this per request
+    memcached_timeout: float = 0.25  # seconds; a hung memcached costs at most this per request (and per /readyz)
+    readiness_timeout: float = 1.0  # seconds /readyz waits for each origin (one attempt) before calling it unreachable
     # Bytes of reduced decodes kept per instance (nginx pins an original's presets to one instance, so its
     # other presets render from the kept one without decoding again); 0 disables.
     intermediate_cache_bytes: int = 64 * 1024 * 1024
@@ -118,6 +119,7 @@ class Config:
     render_threads: int = 0
     instance_header: bool = True  # X-Phizer-Instance on responses (debugging aid; the Ansible role turns it off)
     gallery: bool = True  # GET / shows the originals at every preset (service/gallery.py; off in the Ansible role)
+    gallery_page_size: int = 12  # originals per gallery page (each shown at every preset)
     # Signed ad-hoc sizes (/_/<signature>/<W>x<H>/<key>): off without keys.
     signing: Signing = dataclasses.field(default_factory=Signing)
 
@@ -338,6 +340,12 @@ def parse_config(raw: Any, environ: Mapping[str, str] | None = None) -> Config:
         encoding=_check_encoding(encoding),
         signing=_signing(raw.get("signing"), environ),
     )
+    if config.gallery_page_size < 1:
+        raise ConfigError(f"gallery_page_size: must be at least 1, got {config.gallery_page_size!r}")
+    if config.limits.readiness_timeout <= 0:  # 0 would make every probe fail: never ready
+        raise ConfigError(
+            f"limits.readiness_timeout: must be more than 0 seconds, got {config.limits.readiness_timeout!r}"
+        )
     # Ad-hoc sizes without an order of their own negotiate like a preset without one.
     signing_order = {} if "negotiate" in (raw.get("signing") or {}) else {"negotiate": encoding.negotiate}
     # Presets (and ad-hoc sizes) without lifetimes of their own get the config's: decided once, here.

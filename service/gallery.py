@@ -19,8 +19,6 @@ from service.config import Config
 from service.origins import list_keys
 from service.presets import SUFFIX_FORMATS, Preset
 
-PAGE_SIZE = 12
-
 SCRIPT = """
 const imgs = [...document.querySelectorAll("img")];
 let done = 0;
@@ -101,14 +99,15 @@ def format_note(preset: Preset) -> str:
 
 
 def page(config: Config, number: int) -> str:
-    """The HTML of gallery page ``number`` (from 0)."""
+    """The HTML of gallery page ``number`` (from 0): ``gallery_page_size`` originals."""
+    size = config.gallery_page_size
     try:
         images = (key for key in list_keys(config, "") if key.rpartition(".")[2].lower() in SUFFIX_FORMATS)
-        keys = list(itertools.islice(images, number * PAGE_SIZE, (number + 1) * PAGE_SIZE + 1))
+        keys = list(itertools.islice(images, number * size, (number + 1) * size + 1))
         note = ""
     except (ValueError, OSError) as exc:  # an HTTP origin cannot be listed; an unreadable folder
         keys, note = [], f"<p>{html.escape(str(exc).split(':')[0])}: the first origin cannot be listed.</p>"
-    more, keys = len(keys) > PAGE_SIZE, keys[:PAGE_SIZE]
+    more, keys = len(keys) > size, keys[:size]
     sections = []
     for key in keys:
         figures = []

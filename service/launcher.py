@@ -268,13 +268,14 @@ class Stack:
 
 
 def _hints(stack: Stack) -> str:
-    """URLs to try: the README's three when the bundled samples are served, else the preset list."""
+    """URLs to try: the gallery first (when on), then the README's three when the bundled samples are served, else
+    the preset list."""
     url = stack.url
+    gallery = f"open: {url}/   (the gallery: every original at every preset)\n" if stack.config.gallery else ""
     if stack.config.origins != (f"file://{SAMPLES}",) or not {"small", "thumb"} <= set(stack.config.presets):
-        return f"presets: {url}/presets.json"
+        return f"{gallery}presets: {url}/presets.json"
     return (
-        f"open: {url}/   (the gallery: every sample at every preset)\n"
-        f"try: curl -sI {url}/small/storm.jpg   (twice: X-Cache-Status MISS, then HIT)\n"
+        f"{gallery}try: curl -sI {url}/small/storm.jpg   (twice: X-Cache-Status MISS, then HIT)\n"
         f"     {url}/thumb/wine-exif-orientation-6.jpg   (150x150, upright: stored sideways with EXIF orientation)\n"
         f"     {url}/presets.json   (every preset)"
     )

@@ -37,6 +37,14 @@ RENDERS_QUEUED = Gauge("phizer_renders_queued", "Requests waiting for a render s
 SHED = Counter("phizer_shed", "Requests answered 503 because every render slot was busy")
 DEADLINES = Counter("phizer_deadlines", "Requests answered 504 because their deadline passed")
 
+# Every labelled series whose label values are known in advance exists from the start, at 0, so each family is in
+# the first scrape and rate() counts the first increment (Prometheus' advice: a series that appears at 1 is missed).
+LABEL_VALUES = ((ORIGINALS, ("memcached", "origin")), (INTERMEDIATES, ("hit", "miss")),
+                (ORIGIN_ERRORS, ("timeout", "failure")))  # fmt: skip
+for _family, _values in LABEL_VALUES:
+    for _value in _values:
+        _family.labels(_value)
+
 access_log = logging.getLogger("phizer.access")
 
 

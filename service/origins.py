@@ -38,7 +38,6 @@ from service.public_net import AddressRefused, PublicHTTPPool, PublicHTTPSPool
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
-PROBE_TIMEOUT = 1.0  # seconds a readiness probe (/readyz) waits for an origin
 ERROR_BODY_BYTES = 64 * 1024  # error and redirect bodies up to this size are read away, keeping the connection
 MAX_REDIRECTS = 3  # hops followed with ?redirects=same-host
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -259,7 +258,7 @@ class HttpOrigin:
     def probe(self) -> None:
         """Any HTTP answer to a HEAD of the prefix is reachable; no answer (or a refused address) is not."""
         try:
-            self.pool.request("HEAD", self.base + "/", redirect=False, timeout=PROBE_TIMEOUT)
+            self.pool.request("HEAD", self.base + "/", redirect=False, timeout=self.limits.readiness_timeout)
         except urllib3.exceptions.HTTPError as exc:
             raise OriginFailure(f"{self.url}: {exc}") from exc
 
@@ -381,7 +380,8 @@ class S3Origin:
     @functools.cached_property
     def probe_client(self) -> Any:
         """A client for /readyz's probe: one short attempt, so an unreachable endpoint is said so quickly."""
-        return self._client(PROBE_TIMEOUT, PROBE_TIMEOUT, 1, 1)
+        timeout = self.limits.readiness_timeout
+        return self._client(timeout, timeout, 1, 1)
 
     @staticmethod
     def _client(connect: float, read: float, attempts: int, pool: int) -> Any:

@@ -224,6 +224,15 @@ def parse_adhoc(path: str, signing: Signing, max_key_bytes: int) -> ImageRequest
     return ImageRequest(preset=preset, key=check_key(match["adhoc_key"], max_key_bytes), format=None)
 
 
+def adhoc_key(path: str) -> str | None:
+    """The original's key of a signed ad-hoc path (``/_/<signature>/<W>x<H>[...]/<key>``, signature unchecked), or
+    None for any other path: how ``phizer purge`` recognises the cached ad-hoc renditions of a key."""
+    prefix, _, rest = path.lstrip("/").partition("/")
+    signature, _, signed = rest.partition("/")
+    match = _ADHOC_RE.fullmatch(signed) if prefix == ADHOC and signature else None
+    return match["adhoc_key"] if match else None
+
+
 def negotiates(request: ImageRequest) -> bool:
     """Whether the output format (hence the response) depends on Accept: only "auto" without a suffix does, and
     only when the preset offers some format."""

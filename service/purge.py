@@ -12,6 +12,10 @@ renditions a key can have (each preset, plain and with each format suffix, each 
 can get) are not listed here but found by running service/presets.py's own rules over the candidate URLs, so
 they cannot drift from what nginx and the app do.
 
+Signed ad-hoc sizes cannot be listed from a key (any size, any signature), so when signing is on the cache folder
+is read instead: nginx writes each entry's cache key in its header (a ``KEY:`` line), whose path names the key. One
+pass over the folder per purge request (up to ``MAX_KEYS`` keys), reading the first ``ENTRY_HEAD_BYTES`` of each file.
+
 nginx keeps open descriptors of cache files (``open_file_cache``) and trusts them while the inode it recorded
 is unchanged, so an unlinked file would still be served for up to ``open_file_cache_valid``. The header's first
 field is nginx's cache file format version: it is zeroed before the unlink, so a worker still holding the file
@@ -25,7 +29,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,7 @@ from service.cache import OriginalStore
 from service.config import Config
 from service.errors import BadRequest, PhizerError
 from service.identity import CACHE_KEY, CACHE_LEVELS, preset_fingerprints
-from service.presets import NEGOTIABLE, SUFFIX_FORMATS, Preset, check_key, format_token, parse_path
+from service.presets import NEGOTIABLE, SUFFIX_FORMATS, Preset, adhoc_key, check_key, format_token, parse_path
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,10 @@ CACHE_DIR_ENV = "PHIZER_NGINX_CACHE_DIR"  # nginx's proxy_cache_path on this hos
 HEADER_VERSION_BYTES = 8  # ngx_http_file_cache_header_t starts with its version (an ngx_uint_t)
 MAX_KEYS = 1000  # per request; `phizer purge` sends batches
 MAX_BODY_BYTES = 1024 * 1024  # nginx's client_max_body_size for the admin location
+# An entry's header (ngx_http_file_cache_header_t, ETag, Vary) and its "KEY: " line: a request line is at most
+# 8 KiB (nginx's large_client_header_buffers), so its $uri, hence the cache key, fits.
+ENTRY_HEAD_BYTES = 16 * 1024
+KEY_LINE = b"\nKEY: "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +104,29 @@ def cache_file(cache_dir: str | os.PathLike[str], key: str) -> Path:
     return Path(cache_dir, *folders, digest)
 
 
+def cached_adhoc(cache_dir: str | os.PathLike[str]) -> Iterator[tuple[Path, str]]:
+    """Every signed ad-hoc rendition in nginx's cache: (its file, the original's key), from each entry's KEY line.
+    Files that are not entries (nginx's temporary ``<md5>.<n>`` files, anything else) are passed over."""
+    for folder, _, names in os.walk(cache_dir):
+        for name in names:
+            if len(name) != 32:  # an entry is named by the md5 of its key
+                continue
+            path = Path(folder, name)
+            try:
+                with open(path, "rb") as entry:
+                    head = entry.read(ENTRY_HEAD_BYTES)
+            except OSError:  # removed meanwhile (nginx's cache manager, another purge)
+                continue
+            start = head.find(KEY_LINE)
+            end = head.find(b"\n", start + len(KEY_LINE))
+            if start < 0 or end < 0:
+                continue
+            uri = head[start + len(KEY_LINE) : end].decode("utf-8", "replace").rsplit("|", 2)[0]  # CACHE_KEY
+            key = adhoc_key(uri)
+            if key is not None:
+                yield path, key
+
+
 def remove_cache_file(path: Path) -> bool:
     """Make nginx's entry at ``path`` a miss and delete it; False when there was none."""
     try:
@@ -145,6 +176,20 @@ class PurgeResource:
         log.info("purged %r: %d cached renditions, original %s", key, removed, "removed" if original else "not cached")
         return {"renditions": removed, "original": original}
 
+    def purge_adhoc(self, keys: Collection[str]) -> dict[str, int]:
+        """Remove the cached signed ad-hoc renditions of ``keys`` (after their originals: see ``purge``); how many
+        files each had. The folder is read once for all of them."""
+        removed = dict.fromkeys(keys, 0)
+        for path, key in cached_adhoc(self.cache_dir or ""):
+            if key in removed:
+                try:
+                    removed[key] += remove_cache_file(path)
+                except OSError as exc:
+                    raise PurgeFailed("cannot remove cached renditions", f"{path}: {exc}") from exc
+        if any(removed.values()):
+            log.info("purged signed ad-hoc sizes: %s", {key: n for key, n in removed.items() if n})
+        return removed
+
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         try:
             body = json.loads(req.bounded_stream.read(MAX_BODY_BYTES))
@@ -160,6 +205,10 @@ class PurgeResource:
                 check_key(key, self.config.limits.max_key_bytes)
             except BadRequest as exc:
                 raise BadRequest(f"{key!r}: {exc.reason}") from exc
-        resp.data = json.dumps({"purged": {key: self.purge(key) for key in keys}}).encode()
+        purged = {key: self.purge(key) for key in keys}
+        if self.config.signing.keys:
+            for key, removed in self.purge_adhoc(keys).items():
+                purged[key]["renditions"] += removed
+        resp.data = json.dumps({"purged": purged}).encode()
         resp.content_type = falcon.MEDIA_JSON
         resp.set_header("Cache-Control", "no-store")

@@ -80,7 +80,8 @@ def warm(
     lock = threading.Lock()
     pending = iter(todo)
     started = time.monotonic()
-    with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    # done/total, rate and ETA are tqdm's own; the errors so far are its postfix (shown from the start, at 0).
+    with tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, postfix={"errors": 0}) as bar:
 
         def worker() -> None:
             while True:
@@ -96,6 +97,7 @@ def warm(
                         result.cache[cache] += 1
                     else:
                         result.errors[outcome] += 1
+                        bar.set_postfix(errors=sum(result.errors.values()), refresh=False)
                     bar.update(1)
 
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, concurrency))]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import os
+import re
 import shutil
 import sys
 import threading
@@ -21,12 +22,35 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import requests
 import yaml
 
 from service.procs import Process, free_port, http_ready, tcp_ready
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
+
+
+def metrics(url: str) -> Samples:
+    """A stack's ``/metrics`` through its nginx (``url``), parsed: (name, labels) -> value."""
+    response = requests.get(url + "/metrics", timeout=10)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for line in response.text.splitlines():
+        match = SAMPLE.match(line)
+        if match:
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
+            samples[(match["name"], labels)] = float(match["value"])
+    return samples
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value (0 when absent: a labelled counter appears on its first increment)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def _find_corpus() -> Path:

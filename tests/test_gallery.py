@@ -80,6 +80,16 @@ def test_gallery_pages(stack: Stack) -> None:
     assert beyond.status_code == 200 and "No originals." in beyond.text and "previous" in beyond.text
 
 
+def test_page_size_is_configurable() -> None:
+    """gallery_page_size originals a page (5 samples: pages of 2, 2, 1), with links to the others."""
+    raw = {"origins": [f"file://{REPO / 'samples'}"], "presets": {"s": {"width": 320}}, "gallery_page_size": 2}
+    config = parse_config(raw, {})
+    pages = [page(config, number) for number in range(3)]
+    assert [html.count("<section>") for html in pages] == [2, 2, 1]
+    assert ["next" in html for html in pages] == [True, True, False]
+    assert ["previous" in html for html in pages] == [False, True, True]
+
+
 def test_captions_describe_fit_gravity_and_background() -> None:
     presets = {
         "t": {"width": 150, "height": 150, "fit": "cover", "gravity": "smart"},

@@ -23,6 +23,7 @@ import requests
 from PIL import Image
 
 from service.config import load_config
+from service.launcher import Stack, _hints
 from service.nginx_conf import config_vars, render_nginx_conf
 from service.procs import free_port
 from tests.support import REPO
@@ -161,3 +162,16 @@ def _free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def test_the_first_url_printed_is_the_gallery_when_it_is_on(tmp_path: Path) -> None:
+    """What `make run` prints first: the gallery, whatever the origin; not when the config turns it off."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"origins: [file://{tmp_path}]\npresets: {{small: {{width: 320}}}}\ngallery: false\n")
+    for env, first in (
+        ({}, "open: http://127.0.0.1:8080/   (the gallery"),  # the bundled samples
+        ({"PHIZER_ORIGINS": f"file://{tmp_path}"}, "open: http://127.0.0.1:8080/   (the gallery"),
+        ({"PHIZER_CONFIG": str(config)}, "presets: http://127.0.0.1:8080/presets.json"),
+    ):
+        stack = Stack(tmp_path / "state", port=8080, env=env)
+        assert _hints(stack).splitlines()[0].startswith(first), env

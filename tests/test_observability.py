@@ -20,56 +20,83 @@ from service.launcher import Stack
 from service.procs import free_port
 from tests import support
 
-SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 TIMING = re.compile(r"^(?P<name>[a-z]+);dur=(?P<ms>\d+(?:\.\d+)?)$")
 
 
 @pytest.fixture(scope="module")
-def stack(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def fallback() -> Iterator[support.CountingProxy]:
+    """The second origin, asked for keys the folder lacks: 404 for every key, until a test makes it fail."""
+    proxy = support.CountingProxy()
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="module")
+def stack(corpus: Path, tmp_path_factory: pytest.TempPathFactory, fallback: support.CountingProxy) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("observe")
     folder = state / "originals"
     folder.mkdir()
     for i in range(7):  # photo-6 is kept for the Server-Timing test: its first request decodes
         (folder / f"photo-{i}.jpg").write_bytes((corpus / "16_storm_720_30k.jpg").read_bytes() + bytes([i]))
-    with Stack(state, port=free_port(), instances=2, env={"PHIZER_ORIGINS": f"file://{folder}"}) as started:
+    env = {"PHIZER_ORIGINS": f"file://{folder},{fallback.url}", "PHIZER_ALLOW_PRIVATE_ORIGINS": "1"}
+    with Stack(state, port=free_port(), instances=2, env=env) as started:
         yield started
 
 
-def metrics(stack: Stack) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """The exposition through nginx, parsed: (name, labels) -> value."""
-    response = requests.get(stack.url + "/metrics", timeout=10)
-    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
-    samples = {}
-    for line in response.text.splitlines():
-        match = SAMPLE.match(line)
-        if match:
-            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
-            samples[(match["name"], labels)] = float(match["value"])
-    return samples
+def app_log_lines(stack: Stack) -> list[dict]:
+    """Every instance's JSON log lines (gunicorn's own start-up lines are not JSON)."""
+    time.sleep(0.3)  # an instance logs just after answering
+    return [json.loads(line) for log in stack.logs.glob("app-*.log") for line in log.read_text().splitlines()
+            if line.startswith("{")]  # fmt: skip
 
 
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def test_counters_and_histograms_move_across_every_instance(stack: Stack) -> None:
-    before = metrics(stack)
+def test_counters_and_histograms_move_across_every_instance(stack: Stack, fallback: support.CountingProxy) -> None:
+    before = support.metrics(stack.url)
+    for family, label, values in (
+        ("phizer_originals_total", "outcome", ("memcached", "origin")),
+        ("phizer_intermediates_total", "outcome", ("hit", "miss")),
+        ("phizer_origin_errors_total", "kind", ("timeout", "failure")),
+    ):  # in the first scrape already, at 0 (the stack served nothing yet)
+        assert all(before.get((family, frozenset({(label, value)}))) == 0 for value in values), family
     instances = set()
     for i in range(6):
         response = requests.get(f"{stack.url}/small/photo-{i}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
         assert response.status_code == 200
         instances.add(response.headers["X-Phizer-Instance"])
     assert requests.get(f"{stack.url}/small/missing.jpg", timeout=30).status_code == 404
-    after = metrics(stack)
+    fallback.status = 500  # the fallback origin fails: a 502, counted as an origin error
+    try:
+        broken = requests.get(f"{stack.url}/small/broken.jpg", timeout=30)
+    finally:
+        fallback.status = None
+    assert (broken.status_code, broken.text) == (502, "origin failed\n")  # the detail is logged, never shown
+    for i in range(2):  # the same original at another preset: memcached or the kept decode (intermediate) answer
+        assert requests.get(f"{stack.url}/medium/photo-{i}.jpg", timeout=30).status_code == 200
+    after = support.metrics(stack.url)
+
+    def moved(name: str, **labels: str) -> float:
+        return support.metric(after, name, **labels) - support.metric(before, name, **labels)
+
     assert len(instances) == 2  # the scrape below covers both
-    requests_200 = ("phizer_requests_total", {"preset": "small", "format": "jpeg", "status": "200"})
-    assert value(after, requests_200[0], **requests_200[1]) - value(before, requests_200[0], **requests_200[1]) == 6
-    assert value(after, "phizer_requests_total", preset="small", format="", status="404") >= 1
-    assert value(after, "phizer_originals_total", outcome="origin") - value(before, "phizer_originals_total",
-                                                                           outcome="origin") >= 6  # fmt: skip
-    for stage in ("original", "decode", "resize", "encode", "wait"):
-        assert value(after, "phizer_stage_seconds_count", stage=stage) >= 6, stage
-    assert ("phizer_renders_in_flight", frozenset()) in after
+    logged = next(line for line in app_log_lines(stack) if line.get("request_id") == broken.headers["X-Request-ID"])
+    assert (logged["status"], logged["path"], logged["key"]) == (502, "/small/broken.jpg", "broken.jpg")
+    assert logged["bytes"] == len(broken.content)
+    assert fallback.url in logged["detail"] and "HTTP 500" in logged["detail"]
+    assert moved("phizer_requests_total", preset="small", format="jpeg", status="200") == 6
+    assert moved("phizer_requests_total", preset="small", format="", status="404") == 1
+    assert moved("phizer_requests_total", preset="small", format="", status="502") == 1
+    assert moved("phizer_originals_total", outcome="origin") >= 6
+    assert moved("phizer_originals_total", outcome="memcached") >= 1  # medium: stored in memcached by small
+    for stage in ("original", "memcached", "fetch", "decode", "resize", "encode", "wait"):
+        assert moved("phizer_stage_seconds_count", stage=stage) >= 2, stage
+        assert support.metric(after, "phizer_stage_seconds_bucket", stage=stage, le="+Inf") >= 6, stage
+    assert moved("phizer_origin_errors_total", kind="failure") == 1
+    hits, misses = (moved("phizer_intermediates_total", outcome=outcome) for outcome in ("hit", "miss"))
+    assert misses >= 6 and hits + misses == 8, (hits, misses)
+    # Nothing renders or waits once the answers are in; no request was shed or past its deadline (test_overload.py
+    # makes those move).
+    for gauge in ("phizer_renders_in_flight", "phizer_renders_queued", "phizer_shed_total", "phizer_deadlines_total"):
+        assert (gauge, frozenset()) in after and support.metric(after, gauge) == 0, gauge
 
 
 def test_request_id_and_server_timing(stack: Stack) -> None:
@@ -85,10 +112,7 @@ def test_request_id_and_server_timing(stack: Stack) -> None:
         timings[match["name"]] = float(match["ms"])
     assert {"original", "decode", "resize", "encode", "total"} <= set(timings)
     assert timings["total"] >= timings["decode"]
-    time.sleep(0.3)
-    lines = [json.loads(line) for log in stack.logs.glob("app-*.log") for line in log.read_text().splitlines()
-             if line.startswith("{")]  # fmt: skip
-    logged = next(line for line in lines if line.get("request_id") == rid)
+    logged = next(line for line in app_log_lines(stack) if line.get("request_id") == rid)
     assert (logged["preset"], logged["key"], logged["status"], logged["format"]) == (
         "medium",
         "photo-6.jpg",
@@ -98,6 +122,19 @@ def test_request_id_and_server_timing(stack: Stack) -> None:
     assert logged["bytes"] == len(fresh.content) and logged["original"] in ("origin", "memcached")
     assert set(logged["stages_ms"]) >= {"decode", "encode"}
     assert rid in stack.access_log.read_text()
+
+
+def test_every_response_carries_the_request_id_and_server_timing(stack: Stack) -> None:
+    """Every response of an instance (health, metrics, the gallery, an error) has Server-Timing and the request's
+    id; nginx's own answers (a refused method) carry the id too."""
+    for path in ("/healthz", "/readyz", "/metrics", "/presets.json", "/", "/small/missing.jpg", "/small/photo-1.jpg"):
+        response = requests.get(stack.url + path, headers={"X-Request-ID": "trace-43"}, timeout=30)
+        assert response.headers["X-Request-ID"] == "trace-43", path
+        parts = response.headers["Server-Timing"].split(", ")
+        assert all(TIMING.match(part) for part in parts) and parts[-1].startswith("total;"), (path, parts)
+    refused = requests.delete(stack.url + "/small/photo-1.jpg", headers={"X-Request-ID": "trace-44"}, timeout=10)
+    assert refused.status_code == 405 and refused.headers["X-Request-ID"] == "trace-44"
+    assert refused.headers["X-Cache-Status"] == "BYPASS"
 
 
 def get_from(stack: Stack, source: str, path: str) -> int:

@@ -201,6 +201,20 @@ def test_http_origin_statuses_and_timeouts() -> None:
     assert not isinstance(failure.value, OriginTimeout)
 
 
+def test_readiness_probe_waits_readiness_timeout() -> None:
+    """/readyz's probe of a hung origin (connects, never answers) gives up after limits.readiness_timeout (default
+    1 s), not after a read timeout."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # connections complete in the backlog; nothing ever reads or answers them
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/files"
+        origin = HttpOrigin(url, Limits(readiness_timeout=0.2, origin_read_timeout=30), allow_private=True)
+        started = time.monotonic()
+        with pytest.raises(OriginFailure):
+            origin.probe()
+        assert time.monotonic() - started < 0.9  # the 1 s default would not have given up yet
+
+
 def test_connections_are_kept_after_whole_bodies(
     serve: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -281,8 +295,11 @@ def test_s3_origin_with_prefix(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
     client.create_bucket(Bucket="origin-unit")
     client.put_object(Bucket="origin-unit", Key="pre/x/y.jpg", Body=b"s3 bytes")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     config = parse_config({"origins": ["s3://origin-unit/pre"], "presets": {"s": {"width": 1}}}, {})
     origin = make_origin(config.origins[0], config)

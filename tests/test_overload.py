@@ -21,7 +21,7 @@ import yaml
 from service.budget import RenderBudget, Renderer
 from service.launcher import Stack
 from service.procs import children_by_parent, free_port
-from tests.support import REPO
+from tests.support import REPO, metric, metrics
 
 PHOTO = "02_seeding_16mp_progressive.jpg"  # a slow render at `large`: progressive, 16 MP
 BURST = 40
@@ -116,6 +116,7 @@ def test_a_burst_beyond_the_budget_gets_200s_and_honest_503s(stack: Stack) -> No
         response = requests.get(f"{stack.url}/large/copy-{i:02d}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
         return response.status_code, response.headers.get("Retry-After"), time.perf_counter() - started
 
+    before = metrics(stack.url)
     prober = threading.Thread(target=probe)
     prober.start()
     try:
@@ -129,6 +130,14 @@ def test_a_burst_beyond_the_budget_gets_200s_and_honest_503s(stack: Stack) -> No
     print(f"burst of {BURST}: {dict(statuses)}, slowest {slowest:.2f} s; /healthz max {max(health) * 1000:.0f} ms")
     assert set(statuses) <= {200, 503} and statuses[200] >= 2 and statuses[503] >= 1
     assert all(retry == "1" for status, retry, _ in results if status == 503)
+    after = metrics(stack.url)  # every shed request counted, as a shed and as a 503; none left queued or rendering
+    assert metric(after, "phizer_shed_total") - metric(before, "phizer_shed_total") == statuses[503]
+    shed_503 = {"preset": "large", "format": "", "status": "503"}  # the format token: no rendition was made
+    assert (
+        metric(after, "phizer_requests_total", **shed_503) - metric(before, "phizer_requests_total", **shed_503)
+        == (statuses[503])
+    )
+    assert metric(after, "phizer_renders_queued") == 0 and metric(after, "phizer_renders_in_flight") == 0
     assert slowest < LIMITS["request_timeout"] + 2
     assert max(health) < 0.5  # /healthz is never starved by image work (129 ms measured with other work running)
     fresh = requests.get(f"{stack.url}/large/copy-{BURST:02d}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
@@ -159,6 +168,7 @@ def test_past_its_deadline_a_request_ends_with_504_and_its_work_stops(corpus: Pa
     with Stack(tmp_path / "state", port=free_port(), instances=1, env={"PHIZER_CONFIG": str(config)}) as stack:
         response = requests.get(stack.url + "/large/slow.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
         assert response.status_code == 504 and response.headers["X-Cache-Status"] == "MISS"
+        assert metric(metrics(stack.url), "phizer_deadlines_total") == 1
         time.sleep(1.5)  # the render that had started finishes; nothing else runs for a client that is gone
         before = worker_cpu_seconds(stack)
         time.sleep(1.0)

@@ -14,6 +14,7 @@ import http.client
 import http.server
 import io
 import json
+import os
 import subprocess
 import threading
 import time
@@ -32,6 +33,7 @@ from service.launcher import Stack
 from service.origins import list_keys
 from service.procs import free_port
 from service.purge import Rendition, renditions
+from service.signature import sign
 from service.warm import _get
 from tests.support import AWS_ENV, REPO, VENV_BIN, CountingProxy, s3_client
 
@@ -44,14 +46,17 @@ WEBP = "image/webp,*/*"  # a browser with WebP but not AVIF
 AVIF = "image/avif,image/webp,*/*"
 JPEG = "image/jpeg,*/*;q=0.8"
 WARM_KEYS = [f"w/{i}.jpg" for i in range(3)]
+SIGNING_KEY = "purge-test-signing-key"  # signed ad-hoc sizes are on: purge finds their cached renditions too
 PHIZER = VENV_BIN / "phizer"
 
 
 def phizer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """The installed `phizer` command (make install puts it in the venv)."""
+    """The installed `phizer` command (make install puts it in the venv), running this checkout's code: the venv
+    may be shared with another checkout (a worktree), whose `service` its editable install would import."""
     if not PHIZER.exists():
         pytest.fail(f"{PHIZER} is missing: run `make install` (it installs the project's console script)")
-    return subprocess.run([str(PHIZER), *args], capture_output=True, text=True, timeout=timeout, check=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([str(PHIZER), *args], capture_output=True, text=True, timeout=timeout, check=False, env=env)
 
 
 def jpeg(image: Image.Image) -> bytes:
@@ -69,7 +74,7 @@ def photos(corpus: Path) -> tuple[bytes, bytes]:
 
 @pytest.fixture(scope="module")
 def origin(photos: tuple[bytes, bytes]) -> Iterator[CountingProxy]:
-    proxy = CountingProxy(files={"/p/photo.jpg": photos[0], "/m/two.jpg": photos[0]})
+    proxy = CountingProxy(files={"/p/photo.jpg": photos[0], "/m/two.jpg": photos[0], "/s/signed.jpg": photos[0]})
     yield proxy
     proxy.close()
 
@@ -84,6 +89,7 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, origin: CountingProxy,
     (originals / "other.jpg").write_bytes(photos[0])  # outside the warmed prefix
     path = folder / "config.yaml"
     raw = {"origins": [f"file://{originals}", origin.url], "allow_private_origins": True, "presets": PRESETS}
+    raw["signing"] = {"keys": [SIGNING_KEY]}
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -135,6 +141,7 @@ def test_purge_makes_every_rendition_a_miss_with_one_new_origin_get(
     each is a MISS with the new image, and the new original is fetched once."""
     # One request per cache entry: "fixed" negotiates nothing, so both Accepts share one entry.
     cases = [(f"/{preset}/p/photo.jpg", accept) for preset in ("thumb", "small") for accept in (WEBP, JPEG)]
+    cases += [("/small/p/photo.jpg", AVIF)]  # small's third token (thumb negotiates WebP only)
     cases += [("/fixed/p/photo.jpg", JPEG), ("/small/p/photo.jpg.webp", ""), ("/thumb/p/photo.jpg.png", "")]
     before = {}
     for path, accept in cases:
@@ -149,8 +156,8 @@ def test_purge_makes_every_rendition_a_miss_with_one_new_origin_get(
     assert get(stack, "/small/p/photo.jpg").headers["X-Cache-Status"] == "HIT"
     purged = phizer("purge", "p/photo.jpg", "--host", stack.url)
     assert purged.returncode == 0, purged.stderr
-    # 7 entries: thumb and small have two tokens each, fixed one, plus the two suffix forms.
-    expected = f"{stack.url}: p/photo.jpg: 7 cached renditions removed, original removed from memcached\n"
+    # 8 entries: thumb has two tokens, small three, fixed one, plus the two suffix forms.
+    expected = f"{stack.url}: p/photo.jpg: 8 cached renditions removed, original removed from memcached\n"
     assert purged.stdout == expected
 
     first_path, first_accept = cases[0]
@@ -167,6 +174,30 @@ def test_purge_makes_every_rendition_a_miss_with_one_new_origin_get(
     assert get(stack, "/fixed/p/photo.jpg", WEBP).headers["X-Cache-Status"] == "HIT"
     assert origin.gets["/p/photo.jpg"] == 2  # exactly one new origin GET
     assert "[crit]" not in stack.logs.joinpath("error.log").read_text()
+
+
+def test_purge_removes_cached_signed_sizes(stack: Stack, origin: CountingProxy, photos: tuple[bytes, bytes]) -> None:
+    """Signed ad-hoc sizes (any size, fit and signature) cannot be listed from the key: purge finds them in the cache
+    folder; another key's signed size stays cached."""
+    paths = []
+    for signed in ("200x/s/signed.jpg", "120x90/cover/north/s/signed.jpg", "200x/w/0.jpg"):
+        paths.append(f"/_/{sign([SIGNING_KEY], signed)}/{signed}")
+    cases = [(paths[0], AVIF), (paths[0], JPEG), (paths[1], WEBP), (paths[2], JPEG)]
+    for path, accept in cases:
+        assert get(stack, path, accept).status_code == 200, path
+        assert get(stack, path, accept).headers["X-Cache-Status"] == "HIT", path
+    wait_in_memcached(stack, "s/signed.jpg")
+    origin.files["/s/signed.jpg"] = photos[1]
+    purged = phizer("purge", "s/signed.jpg", "--host", stack.url)
+    assert purged.returncode == 0, purged.stderr
+    assert purged.stdout == f"{stack.url}: s/signed.jpg: 3 cached renditions removed, original removed from memcached\n"
+    for path, accept in cases[:3]:
+        after = get(stack, path, accept)
+        assert (after.status_code, after.headers["X-Cache-Status"]) == (200, "MISS"), (path, accept)
+        wait_in_memcached(stack, "s/signed.jpg")
+    assert Image.open(io.BytesIO(get(stack, paths[0], JPEG).content)).size == (200, 300)  # the rotated replacement
+    assert origin.gets["/s/signed.jpg"] == 2
+    assert get(stack, paths[2], JPEG).headers["X-Cache-Status"] == "HIT"  # another key: untouched
 
 
 def test_purge_of_a_cached_404_lets_a_new_upload_show(stack: Stack, origin: CountingProxy) -> None:
@@ -193,6 +224,35 @@ def test_purge_reaches_every_host_given(stack: Stack, stack_b: Stack, origin: Co
     wait_in_memcached(stack, "m/two.jpg")
     assert get(stack_b, "/small/m/two.jpg").headers["X-Cache-Status"] == "MISS"
     assert origin.gets["/m/two.jpg"] == gets + 1
+
+
+def test_purge_reaches_every_host_of_an_ansible_inventory(
+    stack: Stack, stack_b: Stack, origin: CountingProxy, tmp_path: Path
+) -> None:
+    """The inventory's nginx group (here a child of it, with the listen port from group_vars and host vars)."""
+    inventory = tmp_path / "inventory"
+    (inventory / "group_vars").mkdir(parents=True)
+    hosts = {
+        "a.test": {"ansible_host": "127.0.0.1"},
+        "b.test": {"ansible_host": "127.0.0.1", "nginx_listen": f"127.0.0.1:{stack_b.port}"},
+        "db.test": {"ansible_host": "127.0.0.3"},  # not an nginx host: never asked
+    }
+    groups = {
+        "nginx": {"children": {"web": {"hosts": {"a.test": None, "b.test": None}}}},
+        "db": {"hosts": {"db.test": None}},
+    }
+    (inventory / "hosts.yml").write_text(yaml.safe_dump({"all": {"hosts": hosts, "children": groups}}))
+    (inventory / "group_vars" / "web.yml").write_text(yaml.safe_dump({"nginx_listen": f"0.0.0.0:{stack.port}"}))
+    for host in (stack, stack_b):
+        get(host, "/thumb/m/two.jpg")
+        assert get(host, "/thumb/m/two.jpg").headers["X-Cache-Status"] == "HIT"
+    purged = phizer("purge", "m/two.jpg", "--inventory", str(inventory))
+    assert purged.returncode == 0, purged.stderr
+    assert [line.split(": ", 1)[0] for line in purged.stdout.splitlines()] == [stack.url, stack_b.url]
+    for host in (stack, stack_b):
+        assert get(host, "/thumb/m/two.jpg").headers["X-Cache-Status"] == "MISS"
+    refused = phizer("purge", "m/two.jpg", "--inventory", str(inventory), "--group", "nowhere")
+    assert refused.returncode == 1 and "no host in group 'nowhere'" in refused.stderr
 
 
 def test_admin_api_refuses_addresses_nginx_does_not_allow(stack: Stack, stack_b: Stack) -> None:
@@ -224,6 +284,8 @@ def test_warm_renders_every_preset_and_token_then_all_hit(stack: Stack, config_p
     todo = len(WARM_KEYS) * 6  # thumb: WebP and not; small: AVIF, WebP and neither; fixed: one (/presets.json says)
     assert f"warmed {len(WARM_KEYS)} keys ({todo} renditions)" in warmed.stdout
     assert f"done: {todo} (MISS {todo})" in warmed.stdout and "errors: 0" in warmed.stdout
+    bar = warmed.stderr.strip().splitlines()[-1]  # tqdm's last line: done/total, elapsed<ETA, rate, errors
+    assert f"{todo}/{todo} [" in bar and "img/s" in bar and "errors=0" in bar, bar
     for key in WARM_KEYS:
         for preset in PRESETS:
             for accept in (AVIF, WEBP, JPEG, ""):
@@ -233,8 +295,9 @@ def test_warm_renders_every_preset_and_token_then_all_hit(stack: Stack, config_p
 
     again = phizer("warm", *WARM_KEYS, "--url", stack.url, "--no-progress")
     assert f"done: {todo} (HIT {todo})" in again.stdout
-    missing = phizer("warm", "w/none.jpg", "--url", stack.url, "--no-progress")
+    missing = phizer("warm", "w/none.jpg", "--url", stack.url)
     assert missing.returncode == 1 and "errors: 6 (404: 6)" in missing.stdout
+    assert "6/6 [" in missing.stderr and "errors=6" in missing.stderr.strip().splitlines()[-1], missing.stderr
 
 
 def test_warm_lists_s3_and_folder_origins(s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
