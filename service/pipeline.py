@@ -12,8 +12,10 @@ so a reader sees what happens to every pixel and in which order, and the output 
 
 - JPEGs are always decoded with ``Image.draft`` (DCT scaling on load, 3-6x faster than a full decode) to a size
   still at least ``DRAFT_GAP`` times the output, then ``reduce()`` + LANCZOS finish the job.
-  Where that is 1/8, a progressive JPEG is decoded from its DC scans alone (service/jpeg.py): same pixels, 3-4x
-  faster, as the decoder no longer entropy-decodes AC scans that the 1/8 IDCT never reads.
+  Where that is 1/8, a progressive JPEG is decoded from its DC scans alone (service/jpeg.py): same pixels, 3-6x
+  faster, as the decoder no longer entropy-decodes AC scans that the 1/8 IDCT never reads. Where it is 1/4,
+  without the AC refinement scans of the components the 2x2 IDCT decodes: 2-3x faster, at the cost of those
+  coefficients' low bits (renditions over 40 dB from the full decode's).
 - Orientation and the ICC conversion run *after* the resize, on the small image: the crop box is worked out in
   the raw image's terms (geometry.py maps gravity and the origin's focal point through the EXIF orientation), and
   the colour transform is per pixel, so doing them last is exact for orientation and within a fraction of a ΔE
