@@ -37,7 +37,7 @@ from service.config import Config
 from service.presets import Preset
 
 # Bump when the pipeline's output for the same inputs changes.
-PIPELINE_VERSION = "3"  # 3: an APNG's hidden default image is not a frame
+PIPELINE_VERSION = "4"  # 3: an APNG's hidden default image is not a frame; 4: progressive JPEGs at 1/4 (jpeg.quarter)
 # nginx's cache key and cache folder levels, rendered into nginx/nginx.conf.j2 (service/nginx_conf.py) and used by
 # service/purge.py to find the files nginx wrote: the request path, the format token, the preset's fingerprint.
 CACHE_KEY = "{uri}|{token}|{fingerprint}"

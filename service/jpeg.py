@@ -1,12 +1,15 @@
-"""JPEG marker structure: one walker over a JPEG's segments, shared by the scan guard and the DC-only fast path.
+"""JPEG marker structure: one walker over a JPEG's segments, shared by the scan guard and the progressive fast paths.
 
 The walker reads markers and lengths only; after a scan header it skips the entropy-coded data to the next real
 marker (``0xFF`` followed by neither a stuffed ``0x00`` nor a restart marker) with one C-level regex search, so a
 walk over a 1.5 MB original costs under a millisecond.
 
-``dc_only`` is the speed half. At 1/8 DCT scaling libjpeg-turbo's IDCT reads nothing but each block's DC
-coefficient, yet a progressive JPEG's decoder still entropy-decodes every AC scan into a whole-image coefficient
-buffer first (2-3x slower per pixel than a baseline JPEG; draft hardly helps). A JPEG of the headers and the DC
+The speed half rewrites progressive JPEGs for the scale the pipeline decodes them at. A progressive JPEG's
+decoder entropy-decodes every AC scan into a whole-image coefficient buffer before any IDCT (2-3x slower per
+pixel than a baseline JPEG; draft hardly helps), so leaving out scans the scaled decode does not need is where
+the time goes.
+
+``dc_only``, at 1/8: the IDCT reads nothing but each block's DC coefficient, so a JPEG of the headers and the DC
 scans alone decodes to the same 1/8 image 3-6x faster. Two details make it the *same* image, bit for bit:
 
 - libjpeg-turbo smooths blocks whose AC coefficients were never received (block smoothing, which with no AC at
@@ -17,14 +20,27 @@ scans alone decodes to the same 1/8 image 3-6x faster. Two details make it the *
   than upsampled, which reads its lowest AC coefficients: such a component keeps all of its scans (chroma AC scans
   are small).
 
-tests/test_jpeg.py checks the equality on the corpus and on generated files of every kind the fast path takes.
+``quarter``, at 1/4: not the same pixels. libjpeg-turbo's 2x2 IDCT (IJG's jidctred.c, and its SIMD twin) reads
+the odd frequencies 1, 3, 5 and 7 of each direction as well as DC, i.e. coefficients all over the zigzag up to
+63 (a block of pure horizontal frequency 3, 5 or 7 decodes to a non-flat 2x2): no AC scan can be dropped
+exactly. What can go is precision: the successive-approximation refinement scans (libjpeg's standard script
+sends luma AC in two spectral bands at Al=2, then two refinement scans, which hold half of a file's bytes and
+most of its decoding time). ``quarter`` keeps every first scan and drops the AC refinement scans of the
+components decoded with the 2x2 IDCT (a 4x4-IDCT component, 4:2:0 chroma, keeps all of its scans), then appends
+the same all-zero scan as ``dc_only``, which here only marks the coefficients complete. Those coefficients lose
+their low 1-2 bits: the 1/4 image is 45-48 dB from the full 1/4 decode on the corpus, the renditions made from
+it 51-54 dB from the full decode's (42 dB at worst on generated text over a photo at quality 50), for a 2.1-2.8x
+faster decode. PIPELINE_VERSION says so.
+
+tests/test_jpeg.py checks ``dc_only``'s equality and ``quarter``'s PSNR bound on the corpus and on generated files
+of every kind the fast paths take, and that unusual files are declined.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 SOI, EOI, SOS, DHT = 0xD8, 0xD9, 0xDA, 0xC4
 SOF2 = 0xC2  # progressive, Huffman-coded: the only frame kind the fast path takes
@@ -129,20 +145,20 @@ EOB_TABLE = b"\xff\xc4\x00\x22\x10" + bytes([0, 0, 0, 15] + [0] * 12) + bytes(ra
 NO_RESTARTS = b"\xff\xdd\x00\x04\x00\x00"  # DRI 0: the appended scans have no restart markers
 
 
-def _reads_ac_at_one_eighth(comps: list[Component]) -> set[int]:
-    """The components whose 1/8 decode reads AC coefficients: libjpeg-turbo (jdmaster.c) scales a component
-    subsampled 2x (or more) both ways with a 2x2 (or larger) IDCT instead of upsampling a 1x1 one."""
+def _scaled_up(comps: list[Component]) -> set[int]:
+    """The components scaled with a larger IDCT than the frame's at 1/8 and 1/4: libjpeg-turbo (jdmaster.c) scales
+    a component subsampled 2x (or more) both ways with a 2x2 (or 4x4) IDCT instead of upsampling a smaller one."""
     h_max, v_max = max(c.h for c in comps), max(c.v for c in comps)
     return {c.ident for c in comps if h_max % (2 * c.h) == 0 and v_max % (2 * c.v) == 0}
 
 
-def _scan(data: bytes, seg: Segment) -> tuple[list[int], bool, int] | None:
-    """(component ids, whether it is a DC scan, Ah) of a scan header; None for a malformed one."""
+def _scan(data: bytes, seg: Segment) -> tuple[list[int], bool, int, int] | None:
+    """(component ids, whether it is a DC scan, Ah, Al) of a scan header; None for a malformed one."""
     header = data[seg.start + 4 : seg.start + 2 + int.from_bytes(data[seg.start + 2 : seg.start + 4], "big")]
     count = header[0] if header else 0
     if not 1 <= count <= 4 or len(header) != 4 + 2 * count:
         return None
-    return list(header[1 : 1 + 2 * count : 2]), header[-3:-1] == b"\x00\x00", header[-1] >> 4
+    return list(header[1 : 1 + 2 * count : 2]), header[-3:-1] == b"\x00\x00", header[-1] >> 4, header[-1] & 15
 
 
 def dc_only(data: bytes) -> bytes | None:
@@ -155,10 +171,35 @@ def dc_only(data: bytes) -> bytes | None:
     coding, lossless, 12-bit, DNL, a second frame, a missing DC scan, a truncated or malformed file) gives None:
     the caller decodes the original as it is.
     """
+    return _rewritten(data, lambda ah, al: False)
+
+
+def quarter(data: bytes) -> bytes | None:
+    """``data`` without the AC refinement scans (Ah > 0) of the components its 1/4 decode reads with a 2x2 IDCT,
+    then a scan declaring their AC coefficients complete; None where ``dc_only`` would decline, where nothing
+    would be dropped, or where a kept first AC scan leaves out more than 2 low bits (Al > 2, beyond libjpeg's
+    standard script: the loss would no longer be small).
+
+    Not the same pixels: each such coefficient keeps the precision of its first scan (the low 1-2 bits of the
+    magnitude are lost). Any first scan is kept, whatever scans were dropped before it: it sets its coefficients
+    from its own bits alone, whereas a refinement scan's bits mean something only given every earlier bit of its
+    band. The appended scan re-opens the AC band as a first scan at Al=0 (libjpeg-turbo warns about the odd
+    progression and decodes on); being all end-of-band runs it changes no coefficient, but marks every one as
+    complete, which keeps block smoothing off as after a full decode.
+    """
+    return _rewritten(data, lambda ah, al: ah == 0 and al <= 2, lossy=True)
+
+
+def _rewritten(data: bytes, keep_ac: Callable[[int, int], bool], lossy: bool = False) -> bytes | None:
+    """``data`` with the AC scans ``keep_ac(Ah, Al)`` refuses dropped for the components scaled with the frame's
+    own IDCT (all the scans of scaled-up components are kept), then one all-zero AC scan for each of those
+    components; None for anything unusual (see ``dc_only``), or when ``lossy`` and ``keep_ac`` refused a first
+    scan (Ah=0) or nothing at all."""
     if not data.startswith(b"\xff\xd8"):
         return None
-    parts, frame, reads_ac = [data[:2]], None, set()
+    parts, frame, scaled_up = [data[:2]], None, set()
     covered: set[int] = set()  # components whose first DC scan is in
+    dropped = False
     for seg in segments(data):
         marker = seg.marker
         if marker in UNUSUAL or seg.truncated or 0xD0 <= marker <= 0xD7:
@@ -169,23 +210,26 @@ def dc_only(data: bytes) -> bytes | None:
             frame = _frame(data, seg) if marker == SOF2 and frame is None else None
             if frame is None:
                 return None
-            reads_ac = _reads_ac_at_one_eighth(frame[2])
+            scaled_up = _scaled_up(frame[2])
         elif marker == SOS:
             scan = _scan(data, seg)
             if frame is None or scan is None:
                 return None
-            ids, dc, ah = scan
+            ids, dc, ah, al = scan
             if dc:
                 if ah == 0:  # a first DC scan (refinements, Ah > 0, add low bits to what it sent)
                     covered.update(ids)
             elif len(ids) != 1:  # an interleaved AC scan: not allowed in a progressive JPEG
                 return None
-            elif ids[0] not in reads_ac:
-                continue  # an AC scan not needed at 1/8
+            elif ids[0] not in scaled_up and not keep_ac(ah, al):
+                if lossy and ah == 0:
+                    return None
+                dropped = True
+                continue
         parts.append(data[seg.start : seg.end])
     else:
         return None  # no EOI: truncated
-    if frame is None:
+    if frame is None or (lossy and not dropped):
         return None
     width, height, comps = frame
     if covered != {c.ident for c in comps}:
@@ -193,7 +237,7 @@ def dc_only(data: bytes) -> bytes | None:
     h_max, v_max = max(c.h for c in comps), max(c.v for c in comps)
     parts += [NO_RESTARTS, EOB_TABLE]
     for c in comps:
-        if c.ident not in reads_ac:
+        if c.ident not in scaled_up:
             parts.append(_eob_scan(c, -(-width * c.h // (h_max * 8)) * -(-height * c.v // (v_max * 8))))
     parts.append(b"\xff\xd9")
     return b"".join(parts)

@@ -65,7 +65,7 @@ class Timings:
         self.stages: dict[str, float] = {}
         self.source = ""  # where the original came from: memcached, origin, or shared (another request's fetch)
         self.intermediate = ""  # the kept decode: hit or miss ("" when none was looked up)
-        self.decoder = ""  # "dc-only" when a progressive JPEG was decoded from its DC scans (service/jpeg.py)
+        self.decoder = ""  # a progressive JPEG's fast path (service/jpeg.py): "dc-only" at 1/8, "quarter" at 1/4
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
