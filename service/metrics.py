@@ -57,7 +57,9 @@ class Timings:
         self.stages: dict[str, float] = {}
         self.source = ""  # where the original came from: memcached, origin, or shared (another request's fetch)
         self.intermediate = ""  # the kept decode: hit or miss ("" when none was looked up)
-        self.decoder = ""  # "dc-only" when a progressive JPEG was decoded from its DC scans (service/jpeg.py)
+        # "dc-only": a progressive JPEG decoded from its DC scans (service/jpeg.py); "libwebp": a still WebP decoded
+        # by libwebp directly (service/webp.py); "" otherwise
+        self.decoder = ""
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -14,6 +14,9 @@ so a reader sees what happens to every pixel and in which order, and the output 
   still at least ``DRAFT_GAP`` times the output, then ``reduce()`` + LANCZOS finish the job.
   Where that is 1/8, a progressive JPEG is decoded from its DC scans alone (service/jpeg.py): same pixels, 3-4x
   faster, as the decoder no longer entropy-decodes AC scans that the 1/8 IDCT never reads.
+- A still WebP is decoded by libwebp's simple API straight into a buffer the image then uses (service/webp.py):
+  same library, same pixels, 1.5-1.7x faster than Pillow, which decodes every WebP through the animation decoder
+  into an RGBA canvas and copies it twice. Animations, and anything libwebp fails on, take Pillow's path.
 - Orientation and the ICC conversion run *after* the resize, on the small image: the crop box is worked out in
   the raw image's terms (geometry.py maps gravity and the origin's focal point through the EXIF orientation), and
   the colour transform is per pixel, so doing them last is exact for orientation and within a fraction of a ΔE
@@ -80,6 +83,7 @@ from service.metrics import Timings
 from service.origins import Focus
 from service.presets import Preset
 from service.saliency import salient_point
+from service.webp import decode_still
 
 # A truncated file must fail, never come out with a grey bottom half (this is Pillow's default; made explicit).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -221,10 +225,16 @@ def load(ctx: RenderContext) -> Intermediate:
 
     The result remembers the factor by which draft shrank it (1.0 without), so crop coordinates can be mapped
     into it exactly. At 1/8, a progressive JPEG is decoded from its DC scans alone (service/jpeg.py): the same
-    pixels, 3-6x faster.
+    pixels, 3-6x faster. A still WebP is decoded by libwebp straight into a buffer of ours (service/webp.py): the
+    same pixels, without Pillow's two copies of an RGBA canvas.
     """
     im, target = ctx.source, ctx.layout.decode_size
     scale = 1.0
+    if ctx.source_format == "webp" and not getattr(im, "is_animated", False):
+        fast = decode_still(ctx.data, im.mode, im.size)
+        if fast is not None:
+            ctx.timings.decoder = "libwebp"
+            return Intermediate(fast, scale)
     if ctx.source_format == "jpeg" and target[0] * DRAFT_GAP < im.width and target[1] * DRAFT_GAP < im.height:
         width = im.width
         want = (math.ceil(target[0] * DRAFT_GAP), math.ceil(target[1] * DRAFT_GAP))
