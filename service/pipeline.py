@@ -14,9 +14,10 @@ so a reader sees what happens to every pixel and in which order, and the output 
   still at least ``DRAFT_GAP`` times the output, then ``reduce()`` + LANCZOS finish the job.
   Where that is 1/8, a progressive JPEG is decoded from its DC scans alone (service/jpeg.py): same pixels, 3-4x
   faster, as the decoder no longer entropy-decodes AC scans that the 1/8 IDCT never reads.
-- A still WebP is decoded by libwebp's simple API straight into a buffer the image then uses (service/webp.py):
-  same library, same pixels, 1.5-1.7x faster than Pillow, which decodes every WebP through the animation decoder
-  into an RGBA canvas and copies it twice. Animations, and anything libwebp fails on, take Pillow's path.
+- A still WebP's frame is found by libwebp's demuxer and decoded by its simple API straight into a buffer of ours
+  (service/webp.py): same library, same pixels, 1.3-1.7x faster than Pillow, which decodes every WebP through the
+  animation decoder into an RGBA canvas and copies it twice. Animations, and anything libwebp fails on, take
+  Pillow's path.
 - Orientation and the ICC conversion run *after* the resize, on the small image: the crop box is worked out in
   the raw image's terms (geometry.py maps gravity and the origin's focal point through the EXIF orientation), and
   the colour transform is per pixel, so doing them last is exact for orientation and within a fraction of a ΔE

@@ -1,4 +1,4 @@
-"""Still WebP originals decoded by libwebp directly: the same pixels as Pillow's decode, in 55-60% of the time.
+"""Still WebP originals decoded by libwebp directly: the same pixels as Pillow's decode, 1.3-1.7x faster.
 
 Pillow opens every WebP through libwebp's animation decoder, even a still: it decodes into an RGBA canvas, copies
 that canvas into a bytes object, then unpacks the bytes into the image (dropping the alpha of an opaque file), two
