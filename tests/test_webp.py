@@ -8,8 +8,10 @@ header, so a WebP must render exactly like a PNG of Pillow's decode carrying the
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import io
+import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw, features
 
+from service import webp
 from service.errors import PhizerError, TooLarge
 from service.metrics import Timings
 from service.pipeline import FILE_ERRORS, Pipeline, Rendition, load
@@ -99,6 +102,24 @@ def test_libwebp_is_the_copy_pillow_decodes_with() -> None:
     assert LIBWEBP is not None, "the fast path is off: libwebp could not be loaded"
     version = LIBWEBP.version()
     assert f"{version >> 16}.{(version >> 8) & 0xFF}.{version & 0xFF}" == features.version("webp")
+
+
+def test_without_libwebp_the_fast_path_is_off_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, files: dict[str, bytes]
+) -> None:
+    def unloadable(path: str) -> ctypes.CDLL:
+        raise OSError(f"{path}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", unloadable)
+    with caplog.at_level(logging.WARNING, logger="service.webp"):
+        assert webp._load() is None
+    assert len(caplog.records) == 1 and "decoded by Pillow" in caplog.text
+    monkeypatch.setattr(webp, "LIBWEBP", None)
+    data = files["lossy"]
+    assert decode_still(data, "RGB", Image.open(io.BytesIO(data)).size) is None
+    timings = Timings()
+    out = render(DECODING, data, SMALL, forced_format="png", timings=timings)
+    assert timings.decoder == "" and out.width == 320
 
 
 def test_corpus_webp_decodes_to_the_same_pixels(corpus: Path) -> None:
