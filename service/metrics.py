@@ -65,7 +65,9 @@ class Timings:
         self.stages: dict[str, float] = {}
         self.source = ""  # where the original came from: memcached, origin, or shared (another request's fetch)
         self.intermediate = ""  # the kept decode: hit or miss ("" when none was looked up)
-        self.decoder = ""  # a progressive JPEG's fast path (service/jpeg.py): "dc-only" at 1/8, "quarter" at 1/4
+        # a fast path's decoder: "dc-only" or "quarter" for a progressive JPEG at 1/8 or 1/4 (service/jpeg.py),
+        # "libwebp" for a still WebP decoded by libwebp directly (service/webp.py); "" otherwise
+        self.decoder = ""
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
