@@ -136,7 +136,7 @@ def test_generated_webps_decode_to_the_same_pixels(files: dict[str, bytes], name
 def test_the_pipeline_takes_the_fast_path_for_stills(corpus: Path, files: dict[str, bytes], name: str) -> None:
     data = (corpus / name).read_bytes() if name == CORPUS_WEBP else files[name]
     ctx = PIPELINE.plan(data, SMALL)
-    decoded = load(ctx)
+    decoded = load(ctx, ctx.layout.decode_size)
     assert ctx.timings.decoder == "libwebp"
     ref = pillow_decode(data)
     whole = decoded.region(ref.size, (0, 0, ref.width, ref.height))
