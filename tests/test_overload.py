@@ -21,6 +21,7 @@ import yaml
 
 from service.budget import RenderBudget, Renderer
 from service.launcher import Stack
+from service.offload import RENDER_NICENESS
 from service.procs import children_by_parent, free_port
 from tests.support import REPO
 
@@ -145,6 +146,21 @@ def test_a_burst_beyond_the_budget_gets_200s_and_honest_503s(stack: Stack) -> No
     shed = next(i for i, (status, _, _) in enumerate(results) if status == 503)
     again = requests.get(f"{stack.url}/large/copy-{shed:02d}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
     assert (again.status_code, again.headers["X-Cache-Status"]) == (200, "MISS")  # a 503 is never cached
+
+
+def test_render_threads_run_below_the_event_loop(stack: Stack) -> None:
+    """Renders fill every core (the budget is one per core), so their native threads run niced: the event loop that
+    answers /healthz, 503s and origin fetches, and nginx, take a core from a render at once."""
+    response = requests.get(f"{stack.url}/large/copy-{BURST + 1:02d}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
+    assert response.status_code == 200
+    children = children_by_parent()
+    loops, others = [], []  # nice values of the workers' main threads (their event loops), of their other threads
+    for worker in (pid for proc in stack.instances for pid in children.get(proc.pid, [])):
+        for task in Path(f"/proc/{worker}/task").iterdir():
+            nice = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            (loops if task.name == str(worker) else others).append(nice)
+    assert loops == [0] * len(stack.instances)
+    assert RENDER_NICENESS in others, others  # the thread that rendered
 
 
 def originals_fetched(stack: Stack) -> float:
