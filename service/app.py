@@ -170,6 +170,7 @@ def create_app(
             namespace = origins_namespace(config.origins)
             cache = MemcachedOriginals(config.memcached, config.limits, namespace, config.fallback_cache_valid)
         store = OriginalStore(OriginChain([make_origin(url, config) for url in config.origins]), cache)
+        store.prepare()  # in gunicorn's worker: after gevent's patching, before the first request
     configure_decoders(config.limits)
     instance = instance if config.instance_header else ""
     pipeline = pipeline or Pipeline(config.encoding, config.limits)
