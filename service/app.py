@@ -90,7 +90,8 @@ class ImageResource:
                 self._lifetime(resp, preset, head.fallback)
                 if self._not_modified(resp, if_none_match, head.version, fingerprint, request, token):
                     return
-        with self.renderer.admit(), timings.stage("original"):  # a full line sheds before any origin work
+        self.renderer.admit()  # a full line sheds before any origin work
+        with timings.stage("original"):
             original = self.store.get(request.key, timings, deadline)
         self._lifetime(resp, preset, original.fallback)
         if self._not_modified(resp, if_none_match, original.version, fingerprint, request, token):

@@ -17,12 +17,12 @@ So every render first takes one of ``render_threads`` slots shared by all instan
   instance cannot wake it, and a short poll keeps a freed slot from idling), and a new arrival never takes a slot
   before those already waiting: with every waiter polling, the unlucky ones were overtaken again and again and shed
   after ``render_wait`` while later ones rendered at once (seen in make bench under load: p99 pinned at 2 s).
-- A full line is known before any origin work: an instance holds at most ``slots + render_queue`` misses between
-  their arrival and the start of their render (fetching their original, or waiting): at most ``slots`` of them can
-  start at once, so the others would fill the line whatever the other instances do. The next one gets 503 at once,
-  before its original is fetched, hashed and stored in memcached: a burst of distinct misses otherwise fetched every
-  original it then shed, costing the origin (S3 requests) and keeping the instance's event loop busy with bytes no
-  render would use (seen: ``/healthz`` held 300 ms behind a 40-miss burst of 1.5 MB originals).
+- A full line is seen before any origin work: a miss that arrives while ``render_queue`` others of its instance
+  wait gets its 503 at once, before its original is fetched, hashed and stored in memcached (it would find the
+  line full after its fetch as well, unless a slot freed meanwhile). A burst of distinct misses otherwise fetched
+  every original it then shed: requests to the origin, and the instance's event loop busy with bytes no render
+  would use. Misses still fetching are not counted: a page of slow-origin misses must overlap its fetches (the
+  line fills only when they arrive together, after them).
 - The request's deadline (``limits.request_timeout``, from the start of the request: origin fetch, wait and render)
   is checked before the render starts (a render past its deadline is never started) and bounds the wait for its
   result (504). A render already running cannot be interrupted inside Pillow: it finishes (bounded by the pixel and
@@ -36,8 +36,7 @@ import os
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -127,24 +126,16 @@ class Renderer:
         self.wait = wait
         self.queue = queue
         self._line: deque[object] = deque()  # this instance's waiting requests, in order (only on the event loop)
-        self._admitted = 0  # misses fetching their original, inside admit() (only on the event loop)
 
     @property
     def waiting(self) -> int:
         """Requests of this instance waiting for a slot."""
         return len(self._line)
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Around a miss's origin fetch: 503 at once when this instance already holds ``slots + queue`` misses that
-        have not started rendering, fetching or waiting (see the module's docstring)."""
-        if self._admitted + self.waiting >= self.budget.slots + self.queue:
+    def admit(self) -> None:
+        """Before a miss's origin fetch: 503 at once when this instance's line is already full (see above)."""
+        if self._line and self.waiting >= self.queue:
             raise Overloaded("too many images waiting to be rendered", retry_after=1)
-        self._admitted += 1
-        try:
-            yield
-        finally:
-            self._admitted -= 1
 
     def render(self, fn: Callable[[], T], deadline: float, timings: Timings | None = None) -> T:
         """``fn()`` on a render thread, once a slot is free; ``timings`` learns the wait. Metrics are only touched
