@@ -22,8 +22,9 @@ import yaml
 
 from service.app import create_app
 from service.budget import RenderBudget, Renderer
-from service.config import load_config
+from service.config import load_config, parse_config
 from service.launcher import Stack
+from service.nginx_conf import config_vars
 from service.offload import RENDER_NICENESS, make_spawn
 from service.origins import Original
 from service.procs import children_by_parent, free_port
@@ -175,7 +176,9 @@ def test_a_burst_beyond_the_budget_gets_200s_and_honest_503s(stack: Stack) -> No
     assert set(statuses) <= {200, 503} and statuses[200] >= 2 and statuses[503] >= 1
     assert all(retry == "1" for status, retry, _ in results if status == 503)
     assert slowest < LIMITS["request_timeout"] + 2
-    assert max(health) < 0.5  # /healthz is never starved by image work (129 ms measured with other work running)
+    # /healthz is never starved by image work: the issue asks 100 ms; this client (40 threads in one process) saw
+    # 73-177 ms on a shared 2-core host, nginx's own request time at most 42-163 ms: a looser bound against flakes.
+    assert max(health) < 0.5
     fresh = requests.get(f"{stack.url}/large/copy-{BURST:02d}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
     assert fresh.status_code == 200  # served normally right after
     shed = next(i for i, (status, _, _) in enumerate(results) if status == 503)
@@ -230,3 +233,17 @@ def test_past_its_deadline_a_request_ends_with_504_and_its_work_stops(corpus: Pa
         before = worker_cpu_seconds(stack)
         time.sleep(1.0)
         assert worker_cpu_seconds(stack) - before < 0.1
+
+
+@pytest.mark.parametrize("request_timeout", [0.05, 8.0, 30.0, 90.5])
+def test_nginx_waits_for_an_instance_a_little_longer_than_its_deadline(request_timeout: float) -> None:
+    """nginx must not give up first (a 504 of its own while the work goes on, the instance marked failed), nor wait
+    much longer than the app's own deadline: its read timeout is the deadline plus a few seconds, whatever it is."""
+    raw = {
+        "origins": ["file:///srv"],
+        "presets": {"small": {"width": 320}},
+        "limits": {"request_timeout": request_timeout},
+    }
+    config = parse_config(raw, environ={})
+    upstream = float(config_vars(config)["upstream_timeout"].removesuffix("s"))
+    assert request_timeout + 1 <= upstream <= request_timeout + 6
