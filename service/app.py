@@ -90,6 +90,7 @@ class ImageResource:
                 self._lifetime(resp, preset, head.fallback)
                 if self._not_modified(resp, if_none_match, head.version, fingerprint, request, token):
                     return
+        self.renderer.admit()  # a full line sheds before any origin work
         with timings.stage("original"):
             original = self.store.get(request.key, timings, deadline)
         self._lifetime(resp, preset, original.fallback)
@@ -171,6 +172,7 @@ def create_app(
             namespace = origins_namespace(config.origins)
             cache = MemcachedOriginals(config.memcached, config.limits, namespace, config.fallback_cache_valid)
         store = OriginalStore(chain, cache)
+        store.prepare()  # in gunicorn's worker: after gevent's patching, before the first request
     configure_decoders(config.limits)
     instance = instance if config.instance_header else ""
     pipeline = pipeline or Pipeline(config.encoding, config.limits, config.presets.values())

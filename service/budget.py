@@ -17,6 +17,12 @@ So every render first takes one of ``render_threads`` slots shared by all instan
   instance cannot wake it, and a short poll keeps a freed slot from idling), and a new arrival never takes a slot
   before those already waiting: with every waiter polling, the unlucky ones were overtaken again and again and shed
   after ``render_wait`` while later ones rendered at once (seen in make bench under load: p99 pinned at 2 s).
+- A full line is seen before any origin work: a miss that arrives while ``render_queue`` others of its instance
+  wait gets its 503 at once, before its original is fetched, hashed and stored in memcached (it would find the
+  line full after its fetch as well, unless a slot freed meanwhile). A burst of distinct misses otherwise fetched
+  every original it then shed: requests to the origin, and the instance's event loop busy with bytes no render
+  would use. Misses still fetching are not counted: a page of slow-origin misses must overlap its fetches (the
+  line fills only when they arrive together, after them).
 - The request's deadline (``limits.request_timeout``, from the start of the request: origin fetch, wait and render)
   is checked before the render starts (a render past its deadline is never started) and bounds the wait for its
   result (504). A render already running cannot be interrupted inside Pillow: it finishes (bounded by the pixel and
@@ -125,6 +131,11 @@ class Renderer:
     def waiting(self) -> int:
         """Requests of this instance waiting for a slot."""
         return len(self._line)
+
+    def admit(self) -> None:
+        """Before a miss's origin fetch: 503 at once when this instance's line is already full (see above)."""
+        if self._line and self.waiting >= self.queue:
+            raise Overloaded("too many images waiting to be rendered", retry_after=1)
 
     def render(self, fn: Callable[[], T], deadline: float, timings: Timings | None = None) -> T:
         """``fn()`` on a render thread, once a slot is free; ``timings`` learns the wait. Metrics are only touched

@@ -107,8 +107,8 @@ class MemcachedOriginals:
 
     @functools.cached_property
     def client(self) -> Any:
-        """A pooled HashClient (one socket per greenlet, never shared), made on first use: in the worker,
-        after gevent has patched sockets. A rare double creation on a first-use race would be harmless."""
+        """A pooled HashClient (one socket per greenlet, never shared), made in the worker (OriginalStore.prepare,
+        else on first use), after gevent has patched sockets; it connects on first use."""
         from pymemcache.client.hash import HashClient
 
         return HashClient(
@@ -296,6 +296,19 @@ class OriginalStore:
             problems.append(f"{len(down)} of {len(self.cache.options.servers)} memcached servers")
         probe = getattr(self.origins, "unreachable", None)  # the real chain; fakes in tests may not probe
         return problems + (probe() if probe is not None else [])
+
+    def prepare(self) -> None:
+        """Build the network clients (memcached's, the S3 origins') now, not on the first miss.
+
+        A worker loads the app after gevent's patching and before it accepts a request: building them there keeps
+        the first miss of every fresh or recycled worker from holding its event loop, and so /healthz and every other
+        request of the instance, for boto3's import and client (about 0.4 s measured).
+        """
+        if self.cache is not None:
+            _ = self.cache.client
+        prepare = getattr(self.origins, "prepare", None)  # the real chain; fakes in tests may have nothing to build
+        if prepare is not None:
+            prepare()
 
     def head(self, key: str) -> Head | None:
         """The original's head item if memcached has it, else None (also without a cache): the origins are never

@@ -373,7 +373,8 @@ class S3Origin:
 
     @functools.cached_property
     def client(self) -> Any:
-        """The boto3 client, made on first use: created before gevent's patching, TLS breaks (see NOTES.md)."""
+        """The boto3 client, made in the worker (OriginalStore.prepare, else on first use): created before gevent's
+        patching, TLS breaks (see NOTES.md)."""
         limits = self.limits
         return self._client(limits.origin_connect_timeout, limits.origin_read_timeout, 3, self.max_pool_connections)
 
@@ -483,6 +484,12 @@ class OriginChain:
                 log.warning("readiness: origin %d unreachable: %s", index, exc)
                 down.append(f"origin {index} ({urllib.parse.urlsplit(origin.url).scheme})")
         return down
+
+    def prepare(self) -> None:
+        """Build the S3 origins' clients now rather than on the first fetch (see OriginalStore.prepare)."""
+        for origin in self.origins:
+            if isinstance(origin, S3Origin):
+                _ = origin.client
 
     def fetch(self, key: str) -> Original:
         failures: list[OriginFailure] = []

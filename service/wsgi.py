@@ -1,6 +1,7 @@
 """The WSGI entry point gunicorn loads in each worker: ``service.wsgi:app``.
 
-Imported after gevent's monkey-patching (no ``--preload``); network clients inside are created on first use.
+Imported after gevent's monkey-patching (no ``--preload``), before the worker accepts a request: the network
+clients (boto3, pymemcache) are created here, by create_app, which TLS under gevent needs (NOTES.md).
 """
 
 import os

@@ -160,3 +160,18 @@ def test_lifetimes_reach_nginx_on_200s_and_304s_only(client: falcon.testing.Test
     etag = fallback.simulate_get("/small/cached.jpg").headers["etag"]
     revalidated = fallback.simulate_get("/small/cached.jpg", headers={"If-None-Match": etag})
     assert revalidated.status_code == 304 and revalidated.headers["x-accel-expires"] == "60"
+
+
+def test_the_network_clients_are_built_with_the_app_not_by_the_first_miss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gunicorn's worker loads the app before it accepts a request: boto3's import and client (about 0.4 s) made by
+    the first miss would hold the event loop, /healthz included, in every fresh or recycled worker."""
+    from pymemcache.client import hash as pymemcache_hash
+
+    from service.origins import S3Origin
+
+    built: list[str] = []
+    monkeypatch.setattr(S3Origin, "_client", staticmethod(lambda *args: built.append("s3")))
+    monkeypatch.setattr(pymemcache_hash, "HashClient", lambda *args, **kwargs: built.append("memcached"))
+    config = load_config(environ={"PHIZER_ORIGINS": "s3://bucket", "PHIZER_MEMCACHED": "127.0.0.1:11211"})
+    create_app(config)
+    assert sorted(built) == ["memcached", "s3"]

@@ -14,12 +14,18 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import falcon.testing
 import pytest
 import requests
 import yaml
 
+from service.app import create_app
 from service.budget import RenderBudget, Renderer
+from service.config import load_config, parse_config
 from service.launcher import Stack
+from service.nginx_conf import config_vars
+from service.offload import RENDER_NICENESS, make_spawn
+from service.origins import Original
 from service.procs import children_by_parent, free_port
 from tests.support import REPO, metric, metrics
 
@@ -80,6 +86,40 @@ def test_waiting_requests_get_slots_first_come_first_served(tmp_path: Path) -> N
     assert order == ["a", "b", "c", "newcomer"]
 
 
+class CountingStore:
+    """One original under every key; remembers which keys were asked for (an origin fetch each)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.asked: list[str] = []
+
+    def get(self, key: str, timings: object = None, deadline: float | None = None) -> Original:
+        self.asked.append(key)
+        return Original.from_bytes(self.data)
+
+    def head(self, key: str) -> None:
+        return None
+
+
+def test_a_full_line_sheds_before_the_origin_is_asked(corpus: Path, tmp_path: Path) -> None:
+    """With the host's only slot busy and the instance's line (1) full, the next miss gets its 503 without a fetch:
+    a burst must not fetch, hash and store originals only to shed them."""
+    budget = RenderBudget(1, tmp_path)
+    held = budget.try_acquire()
+    renderer = Renderer(budget, make_spawn(1), wait=10.0, queue=1)
+    store = CountingStore((corpus / "16_storm_720_30k.jpg").read_bytes())
+    client = falcon.testing.TestClient(create_app(load_config(environ={}), store=store, renderer=renderer))
+    waiter = ThreadPoolExecutor(1).submit(client.simulate_get, "/small/first.jpg", headers={"Accept": "image/jpeg"})
+    deadline = time.monotonic() + 10
+    while renderer.waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    shed = client.simulate_get("/small/second.jpg", headers={"Accept": "image/jpeg"})
+    assert (shed.status_code, shed.headers["retry-after"]) == (503, "1")
+    assert store.asked == ["first.jpg"]  # the second original was never fetched
+    budget.release(held)
+    assert waiter.result(timeout=30).status_code == 200  # the one in line is served once the slot is free
+
+
 @pytest.fixture(scope="module")
 def stack(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("overload")
@@ -117,6 +157,7 @@ def test_a_burst_beyond_the_budget_gets_200s_and_honest_503s(stack: Stack) -> No
         return response.status_code, response.headers.get("Retry-After"), time.perf_counter() - started
 
     before = metrics(stack.url)
+    fetched_before = originals_fetched(stack)
     prober = threading.Thread(target=probe)
     prober.start()
     try:
@@ -127,7 +168,11 @@ def test_a_burst_beyond_the_budget_gets_200s_and_honest_503s(stack: Stack) -> No
         prober.join()
     statuses = Counter(status for status, _, _ in results)
     slowest = max(seconds for _, _, seconds in results)
-    print(f"burst of {BURST}: {dict(statuses)}, slowest {slowest:.2f} s; /healthz max {max(health) * 1000:.0f} ms")
+    fetched = originals_fetched(stack) - fetched_before
+    print(
+        f"burst of {BURST}: {dict(statuses)}, slowest {slowest:.2f} s; /healthz max {max(health) * 1000:.0f} ms; "
+        f"originals fetched {fetched:.0f}"
+    )
     assert set(statuses) <= {200, 503} and statuses[200] >= 2 and statuses[503] >= 1
     assert all(retry == "1" for status, retry, _ in results if status == 503)
     after = metrics(stack.url)  # every shed request counted, as a shed and as a 503; none left queued or rendering
@@ -139,12 +184,34 @@ def test_a_burst_beyond_the_budget_gets_200s_and_honest_503s(stack: Stack) -> No
     )
     assert metric(after, "phizer_renders_queued") == 0 and metric(after, "phizer_renders_in_flight") == 0
     assert slowest < LIMITS["request_timeout"] + 2
-    assert max(health) < 0.5  # /healthz is never starved by image work (129 ms measured with other work running)
+    # /healthz is never starved by image work: the issue asks 100 ms; this client (40 threads in one process) saw
+    # 73-177 ms on a shared 2-core host, nginx's own request time at most 42-163 ms: a looser bound against flakes.
+    assert max(health) < 0.5
     fresh = requests.get(f"{stack.url}/large/copy-{BURST:02d}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
     assert fresh.status_code == 200  # served normally right after
     shed = next(i for i, (status, _, _) in enumerate(results) if status == 503)
     again = requests.get(f"{stack.url}/large/copy-{shed:02d}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
     assert (again.status_code, again.headers["X-Cache-Status"]) == (200, "MISS")  # a 503 is never cached
+
+
+def test_render_threads_run_below_the_event_loop(stack: Stack) -> None:
+    """Renders fill every core (the budget is one per core), so their native threads run niced: the event loop that
+    answers /healthz, 503s and origin fetches, and nginx, take a core from a render at once."""
+    response = requests.get(f"{stack.url}/large/copy-{BURST + 1:02d}.jpg", headers={"Accept": "image/jpeg"}, timeout=30)
+    assert response.status_code == 200
+    children = children_by_parent()
+    loops, others = [], []  # nice values of the workers' main threads (their event loops), of their other threads
+    for worker in (pid for proc in stack.instances for pid in children.get(proc.pid, [])):
+        for task in Path(f"/proc/{worker}/task").iterdir():
+            nice = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            (loops if task.name == str(worker) else others).append(nice)
+    assert loops == [0] * len(stack.instances)
+    assert RENDER_NICENESS in others, others  # the thread that rendered
+
+
+def originals_fetched(stack: Stack) -> float:
+    """Originals the stack's instances fetched from the origins so far (their /metrics, through nginx)."""
+    return metric(metrics(stack.url), "phizer_originals_total", outcome="origin")
 
 
 def worker_cpu_seconds(stack: Stack) -> float:
@@ -173,3 +240,17 @@ def test_past_its_deadline_a_request_ends_with_504_and_its_work_stops(corpus: Pa
         before = worker_cpu_seconds(stack)
         time.sleep(1.0)
         assert worker_cpu_seconds(stack) - before < 0.1
+
+
+@pytest.mark.parametrize("request_timeout", [0.05, 8.0, 30.0, 90.5])
+def test_nginx_waits_for_an_instance_a_little_longer_than_its_deadline(request_timeout: float) -> None:
+    """nginx must not give up first (a 504 of its own while the work goes on, the instance marked failed), nor wait
+    much longer than the app's own deadline: its read timeout is the deadline plus a few seconds, whatever it is."""
+    raw = {
+        "origins": ["file:///srv"],
+        "presets": {"small": {"width": 320}},
+        "limits": {"request_timeout": request_timeout},
+    }
+    config = parse_config(raw, environ={})
+    upstream = float(config_vars(config)["upstream_timeout"].removesuffix("s"))
+    assert request_timeout + 1 <= upstream <= request_timeout + 6
