@@ -29,8 +29,10 @@ most of its decoding time). ``quarter`` keeps every first scan and drops the AC 
 components decoded with the 2x2 IDCT (a 4x4-IDCT component, 4:2:0 chroma, keeps all of its scans), then appends
 the same all-zero scan as ``dc_only``, which here only marks the coefficients complete. Those coefficients lose
 their low 1-2 bits: the 1/4 image is 45-48 dB from the full 1/4 decode on the corpus, the renditions made from
-it 51-54 dB from the full decode's (42 dB at worst on generated text over a photo at quality 50), for a 2.1-2.8x
-faster decode. PIPELINE_VERSION says so.
+it 51-54 dB from the full decode's before encoding and 42-46 dB after (the encoder's rounding amplifies small
+differences), for a 2-2.8x faster decode. Coarse quantizers make each lost bit weigh more: ``MAX_LOST`` declines
+originals below about quality 70, where renditions of text over a photo would fall below 40 dB (40.3 dB at
+quality 70, the worst measured). PIPELINE_VERSION says so.
 
 tests/test_jpeg.py checks ``dc_only``'s equality and ``quarter``'s PSNR bound on the corpus and on generated files
 of every kind the fast paths take, and that unusual files are declined.
@@ -40,9 +42,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-SOI, EOI, SOS, DHT = 0xD8, 0xD9, 0xDA, 0xC4
+SOI, EOI, SOS, DHT, DQT = 0xD8, 0xD9, 0xDA, 0xC4, 0xDB
 SOF2 = 0xC2  # progressive, Huffman-coded: the only frame kind the fast path takes
 # Frame headers (SOF0-15), less DHT (C4), JPG (C8) and DAC (CC), which share the range.
 SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {DHT, 0xC8, 0xCC}
@@ -103,11 +105,12 @@ def segments(data: bytes) -> Iterator[Segment]:
 
 @dataclasses.dataclass(frozen=True)
 class Component:
-    """A frame component: its id and sampling factors."""
+    """A frame component: its id, sampling factors and quantization table."""
 
     ident: int
     h: int
     v: int
+    table: int
 
 
 def _frame(data: bytes, seg: Segment) -> tuple[int, int, list[Component]] | None:
@@ -118,7 +121,10 @@ def _frame(data: bytes, seg: Segment) -> tuple[int, int, list[Component]] | None
     height, width, count = int.from_bytes(header[1:3], "big"), int.from_bytes(header[3:5], "big"), header[5]
     if not 1 <= count <= 4 or len(header) != 6 + 3 * count or height == 0 or width == 0:
         return None
-    comps = [Component(header[6 + 3 * i], header[7 + 3 * i] >> 4, header[7 + 3 * i] & 15) for i in range(count)]
+    comps = [
+        Component(header[6 + 3 * i], header[7 + 3 * i] >> 4, header[7 + 3 * i] & 15, header[8 + 3 * i])
+        for i in range(count)
+    ]
     if any(not 1 <= c.h <= 4 or not 1 <= c.v <= 4 for c in comps) or len({c.ident for c in comps}) != count:
         return None
     return width, height, comps
@@ -171,14 +177,15 @@ def dc_only(data: bytes) -> bytes | None:
     coding, lossless, 12-bit, DNL, a second frame, a missing DC scan, a truncated or malformed file) gives None:
     the caller decodes the original as it is.
     """
-    return _rewritten(data, lambda ah, al: False)
+    return _rewritten(data, keep_first_ac=False)
 
 
 def quarter(data: bytes) -> bytes | None:
     """``data`` without the AC refinement scans (Ah > 0) of the components its 1/4 decode reads with a 2x2 IDCT,
     then a scan declaring their AC coefficients complete; None where ``dc_only`` would decline, where nothing
-    would be dropped, or where a kept first AC scan leaves out more than 2 low bits (Al > 2, beyond libjpeg's
-    standard script: the loss would no longer be small).
+    would be dropped, or where the low bits dropped from a component's strongest AC coefficients (zigzag 1 and 2)
+    could be worth more than ``MAX_LOST`` after dequantization (coarse quantizers: originals below about quality
+    70 in libjpeg's scale, whose renditions could fall below 40 dB from the full decode's).
 
     Not the same pixels: each such coefficient keeps the precision of its first scan (the low 1-2 bits of the
     magnitude are lost). Any first scan is kept, whatever scans were dropped before it: it sets its coefficients
@@ -187,32 +194,68 @@ def quarter(data: bytes) -> bytes | None:
     progression and decodes on); being all end-of-band runs it changes no coefficient, but marks every one as
     complete, which keeps block smoothing off as after a full decode.
     """
-    return _rewritten(data, lambda ah, al: ah == 0 and al <= 2, lossy=True)
+    return _rewritten(data, keep_first_ac=True)
 
 
-def _rewritten(data: bytes, keep_ac: Callable[[int, int], bool], lossy: bool = False) -> bytes | None:
-    """``data`` with the AC scans ``keep_ac(Ah, Al)`` refuses dropped for the components scaled with the frame's
-    own IDCT (all the scans of scaled-up components are kept), then one all-zero AC scan for each of those
-    components; None for anything unusual (see ``dc_only``), or when ``lossy`` and ``keep_ac`` refused a first
-    scan (Ah=0) or nothing at all."""
+# The most a lowest AC coefficient may lose to quarter, in dequantized units ((2^Al - 1) * quantizer): 21 lets
+# libjpeg's standard script through from quality 70 (luma quantizers 7, Al=2), where text and one-pixel stripes
+# over a photo still give renditions 40.3 dB from the full decode's (39.6 at quality 60).
+MAX_LOST = 21
+
+
+def _quant_tables(data: bytes, seg: Segment) -> dict[int, list[int]] | None:
+    """The quantization tables of a DQT segment by id, each in zigzag order; None for a malformed segment."""
+    tables, pos = {}, seg.start + 4
+    while pos < seg.end:
+        width, ident = (data[pos] >> 4) + 1, data[pos] & 15
+        if width > 2 or ident > 3 or pos + 1 + 64 * width > seg.end:
+            return None
+        entries = data[pos + 1 : pos + 1 + 64 * width]
+        tables[ident] = [int.from_bytes(entries[i : i + width], "big") for i in range(0, 64 * width, width)]
+        pos += 1 + 64 * width
+    return tables
+
+
+def _lost(comp: Component, kept_al: dict[int, int], tables: dict[int, list[int]]) -> int:
+    """The most ``quarter`` can take from the lowest AC coefficients of ``comp`` (zigzag 1 and 2), dequantized:
+    the low Al bits its kept first scans left out; unbounded without a first AC scan or a table."""
+    table = tables.get(comp.table)
+    if comp.ident not in kept_al or table is None:
+        return MAX_LOST + 1
+    return ((1 << kept_al[comp.ident]) - 1) * max(table[1], table[2])
+
+
+def _rewritten(data: bytes, keep_first_ac: bool) -> bytes | None:
+    """``data`` without AC scans of the components scaled with the frame's own IDCT (scaled-up components keep
+    all of their scans): all of them, or (``keep_first_ac``) their refinement scans only; then one all-zero AC
+    scan for each of those components. None for anything unusual (see ``dc_only``); with ``keep_first_ac``, also
+    when nothing was dropped or the loss is over ``MAX_LOST`` (see ``quarter``)."""
     if not data.startswith(b"\xff\xd8"):
         return None
     parts, frame, scaled_up = [data[:2]], None, set()
     covered: set[int] = set()  # components whose first DC scan is in
-    dropped = False
+    tables: dict[int, bytes] = {}  # quantization tables by id, as the first scan latches them
+    kept_al: dict[int, int] = {}  # the coarsest first AC scan kept of each component
+    dropped: set[int] = set()
+    scanned = False
     for seg in segments(data):
         marker = seg.marker
         if marker in UNUSUAL or seg.truncated or 0xD0 <= marker <= 0xD7:
             return None
         if marker == EOI:
             break
-        if marker in SOF_MARKERS:
+        if marker == DQT:
+            found = _quant_tables(data, seg)
+            if found is None or (keep_first_ac and scanned):  # redefined between scans: too odd to bound the loss
+                return None
+            tables.update(found)
+        elif marker in SOF_MARKERS:
             frame = _frame(data, seg) if marker == SOF2 and frame is None else None
             if frame is None:
                 return None
             scaled_up = _scaled_up(frame[2])
         elif marker == SOS:
-            scan = _scan(data, seg)
+            scan, scanned = _scan(data, seg), True
             if frame is None or scan is None:
                 return None
             ids, dc, ah, al = scan
@@ -221,18 +264,21 @@ def _rewritten(data: bytes, keep_ac: Callable[[int, int], bool], lossy: bool = F
                     covered.update(ids)
             elif len(ids) != 1:  # an interleaved AC scan: not allowed in a progressive JPEG
                 return None
-            elif ids[0] not in scaled_up and not keep_ac(ah, al):
-                if lossy and ah == 0:
-                    return None
-                dropped = True
-                continue
+            elif ids[0] not in scaled_up:
+                if not keep_first_ac or ah > 0:
+                    dropped.add(ids[0])
+                    continue
+                kept_al[ids[0]] = max(al, kept_al.get(ids[0], 0))
         parts.append(data[seg.start : seg.end])
     else:
         return None  # no EOI: truncated
-    if frame is None or (lossy and not dropped):
+    if frame is None:
         return None
     width, height, comps = frame
     if covered != {c.ident for c in comps}:
+        return None
+    lost = [_lost(c, kept_al, tables) for c in comps if c.ident in dropped]
+    if keep_first_ac and (not lost or max(lost) > MAX_LOST):
         return None
     h_max, v_max = max(c.h for c in comps), max(c.v for c in comps)
     parts += [NO_RESTARTS, EOB_TABLE]

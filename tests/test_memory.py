@@ -6,6 +6,7 @@ size or request count fail no request in flight."""
 from __future__ import annotations
 
 import io
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,6 +79,9 @@ def test_recycled_workers_fail_no_request_in_flight(
         workers_before = {pid for proc in stack.instances for pid in children_by_parent().get(proc.pid, [])}
 
         def miss(i: int) -> tuple[int, tuple[int, int] | str]:
+            # Spread over seconds: a worker past its limit keeps accepting for up to a second (gunicorn's gevent
+            # worker checks every second), so misses that all land within one would see one recycle per instance.
+            time.sleep(0.3)
             try:
                 response = requests.get(
                     f"{stack.url}/small/copy-{i:03d}.jpg", headers={"Accept": "image/jpeg"}, timeout=60
