@@ -162,7 +162,10 @@ def decoding() -> Iterator[None]:
     except FILE_ERRORS as exc:
         if not _raised_by_pillow(exc):
             raise
-        raise Unprocessable("corrupt or truncated image", f"{type(exc).__name__}: {exc}") from exc
+        detail = f"{type(exc).__name__}: {exc}"
+        if "MAX_TEXT" in str(exc):  # PngImagePlugin's text and ICC limits, which follow limits.max_png_text_bytes
+            raise Unprocessable("PNG text or ICC profile over limits.max_png_text_bytes", detail) from exc
+        raise Unprocessable("corrupt or truncated image", detail) from exc
 
 
 def open_image(data: bytes, limits: Limits) -> Image.Image:

@@ -24,6 +24,7 @@ from tests.hostile import (
     many_comments_gif,
     many_frames_gif,
     many_segments_jpeg,
+    png_iccp_bomb,
     tall_png,
     text_png,
     tiny_scans,
@@ -68,8 +69,10 @@ def test_png_text_is_bounded(decoders: None) -> None:
     configure_decoders(DEFAULT_CONFIG.limits)
     assert DEFAULT_CONFIG.limits.max_png_text_bytes == PngImagePlugin.MAX_TEXT_MEMORY
     pipeline = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
-    with pytest.raises(Unprocessable):
+    with pytest.raises(Unprocessable, match="max_png_text_bytes"):
         render(pipeline, text_png(2 * 1024 * 1024), SMALL)  # 2 MiB of text in a few KB
+    with pytest.raises(Unprocessable, match="max_png_text_bytes"):
+        render(pipeline, png_iccp_bomb(2 * 1024 * 1024), SMALL)  # an ICC profile inflating to 2 MiB
     assert render(pipeline, text_png(10_000), SMALL).width == 64  # ordinary text is fine
 
 
