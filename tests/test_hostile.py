@@ -18,6 +18,7 @@ from PIL import Image
 
 from service.launcher import Stack
 from service.procs import free_port
+from tests import support
 from tests.hostile import (
     fat_icc_jpeg,
     growing_gif,
@@ -225,3 +226,26 @@ def test_nginx_refuses_malformed_requests_in_one_line(
 def test_no_path_reaches_outside_the_file_origin(stack: Stack, path: str) -> None:
     status, body = raw_exchange(stack, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     assert status in (400, 404) and body.count(b"\n") == 1, (status, body)
+
+
+def test_an_instance_refuses_malformed_requests_in_one_line_too(tmp_path: Path) -> None:
+    """gunicorn's own refusals (only reachable by connecting to an instance directly) are nginx's one plain line."""
+    with support.instance(tmp_path, [f"file://{tmp_path}"]) as (_, url):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        for request, status, body in [
+            (b"GARBAGE\r\n\r\n", 400, b"bad request: malformed URL or headers\n"),
+            (b"GET /small/x.jpg HTTP/9.9\r\nHost: x\r\n\r\n", 400, b"bad request: malformed URL or headers\n"),
+            (
+                b"GET /small/x.jpg HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20_000 + b"\r\n\r\n",
+                431,
+                b"bad request: malformed URL or headers\n",
+            ),
+        ]:
+            with socket.create_connection((host, int(port)), timeout=15) as conn:
+                conn.sendall(request)
+                answer = b""
+                while chunk := conn.recv(65536):
+                    answer += chunk
+            head, _, got = answer.partition(b"\r\n\r\n")
+            assert (int(head.split(b" ")[1]), got) == (status, body), answer[:200]
+            assert b"X-Content-Type-Options: nosniff" in head
