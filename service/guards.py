@@ -13,15 +13,18 @@ markers, chunks or blocks that stops at its limit, never the entropy-coded or co
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 
 from PIL import Image, PngImagePlugin
 
 from service.config import Limits
 from service.errors import TooLarge
-from service.jpeg import SOS, segments
+from service.jpeg import SOS, STANDALONE, segments
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Bytes outside any segment (junk, or 0xFF fill bytes before a marker), at most 64 KiB at a time.
+_LOOSE_BYTES = re.compile(rb"(?:[^\xff]|\xff(?=\xff)){1,65536}")
 
 
 def configure_decoders(limits: Limits) -> None:
@@ -111,14 +114,33 @@ def png_chunks(data: bytes, stop_after: int) -> int:
     return chunks
 
 
+def jpeg_header_steps(data: bytes, stop_after: int) -> int:
+    """The steps Pillow's JPEG parser (JpegImagePlugin, in Python) takes before the first scan: one per segment and
+    one per byte outside a segment (junk, fill bytes), which it reads one at a time; counting stops past
+    ``stop_after``. The walk itself skips those bytes with a regex, 64 KiB at a time."""
+    steps, pos, size = 0, 2, len(data)
+    while pos + 1 < size and steps <= stop_after:
+        loose = _LOOSE_BYTES.match(data, pos)
+        if loose:
+            steps += loose.end() - pos
+            pos = loose.end()
+            continue
+        marker = data[pos + 1]
+        if marker == SOS:
+            break
+        steps += 1
+        pos += 2 if marker in STANDALONE or marker == 0 else 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return steps
+
+
 def check_structure(data: bytes, limits: Limits) -> None:
     """Refuse, before Pillow opens it, an original whose container holds more than ``limits.max_blocks``
-    structures (JPEG segments, PNG chunks, GIF extension blocks): Pillow parses each in Python (about 2 us each,
-    10,000 cost 20-30 ms; a 64 MB file of empty ones seconds). Real files hold tens (JPEG, GIF) to a few thousand
-    (PNG, one IDAT chunk per 8-64 KiB). WebP is parsed by libwebp, in C."""
+    structures (JPEG segments and stray bytes before the first scan, PNG chunks, GIF extension blocks): Pillow
+    parses each in Python (about 2 us each, 10,000 cost 20-30 ms; a 64 MB file of empty ones seconds). Real files
+    hold tens (JPEG, GIF) to a few thousand (PNG, one IDAT chunk per 8-64 KiB). WebP is parsed by libwebp, in C."""
     limit = limits.max_blocks
     if data.startswith(b"\xff\xd8"):
-        count = sum(1 for _ in itertools.islice(segments(data), limit + 1))
+        count = max(sum(1 for _ in itertools.islice(segments(data), limit + 1)), jpeg_header_steps(data, limit))
     elif data.startswith(PNG_SIGNATURE):
         count = png_chunks(data, limit)
     elif data.startswith((b"GIF87a", b"GIF89a")):
@@ -128,7 +150,7 @@ def check_structure(data: bytes, limits: Limits) -> None:
     else:
         return
     if count > limit:
-        raise TooLarge(f"image has more than {limit} segments or chunks (limits.max_blocks)")
+        raise TooLarge(f"image has more than {limit} segments, chunks or stray bytes (limits.max_blocks)")
 
 
 def check_canvas(canvas: tuple[int, int], limits: Limits) -> None:

@@ -129,3 +129,11 @@ def idat_bomb_png(side: int) -> bytes:
     compressor = zlib.compressobj(9)
     idat = compressor.compress(b"\x00" * ((side * 3 + 1) * side)) + compressor.flush()
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def stray_bytes_jpeg(count: int, byte: int) -> bytes:
+    """A 64x64 JPEG with ``count`` bytes outside any segment before its quantization tables: 0xFF fill bytes
+    (allowed before a marker) or junk, both of which Pillow's header parser reads one Python step at a time."""
+    data = saved(Image.new("RGB", (64, 64), "green"), "JPEG")
+    tables = data.index(b"\xff\xdb")
+    return data[:tables] + bytes([byte]) * count + data[tables:]

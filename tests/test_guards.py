@@ -25,6 +25,7 @@ from tests.hostile import (
     many_frames_gif,
     many_segments_jpeg,
     png_iccp_bomb,
+    stray_bytes_jpeg,
     tall_png,
     text_png,
     tiny_scans,
@@ -115,8 +116,10 @@ def test_a_frame_beyond_the_header_is_refused_from_the_blocks() -> None:
         lambda n: many_comments_gif(n),  # Pillow joins a frame's comments quadratically: 3M empty ones took minutes
         lambda n: many_chunks_png(n),
         lambda n: many_segments_jpeg(n),
+        lambda n: stray_bytes_jpeg(n, 0xFF),  # fill bytes: 10 MB of them took 8.7 s
+        lambda n: stray_bytes_jpeg(n, 0x00),
     ],
-    ids=["gif-extensions", "png-chunks", "jpeg-segments"],
+    ids=["gif-extensions", "png-chunks", "jpeg-segments", "jpeg-fill-bytes", "jpeg-junk"],
 )
 def test_too_many_structures_are_refused_before_pillow_parses_them(make: Callable[[int], bytes]) -> None:
     pipeline = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)

@@ -32,6 +32,7 @@ from tests.hostile import (
     png_header_only,
     png_iccp_bomb,
     saved,
+    stray_bytes_jpeg,
     tall_png,
     text_png,
 )
@@ -59,6 +60,7 @@ HOSTILE = {
     "comment.gif": (lambda: many_comments_gif(1, 4 * 1024 * 1024), 413),  # one 4 MiB comment, joined quadratically
     "chunks.png": (lambda: many_chunks_png(1_000_000), 413),  # 12 MB of empty chunks: seconds in Pillow
     "segments.jpg": (lambda: many_segments_jpeg(2_000_000), 413),  # 8 MB of empty APP segments
+    "fill.jpg": (lambda: stray_bytes_jpeg(10_000_000, 0xFF), 413),  # 10 MB of 0xFF fill bytes: 8.7 s in Pillow
     "iccp.png": (lambda: png_iccp_bomb(16 * 1024 * 1024), 422),  # an ICC profile inflating to 16 MiB
     "icc.jpg": (lambda: fat_icc_jpeg(8 * 1024 * 1024, 1), 200),  # an 8 MiB profile: ignored, never kept
     "idat.png": (lambda: idat_bomb_png(7000), 200),  # 49 MP of zeros in 143 KB: within max_pixels, decoded once
