@@ -42,7 +42,9 @@ class Limits:
 
     max_pixels: int = 50_000_000  # width x height of the original (and of every frame's canvas), before decoding
     max_jpeg_scans: int = 100  # progressive JPEGs: encoders write about 10 scans, mozjpeg about 20; each costs a pass
-    max_png_text_bytes: int = 1024 * 1024  # PNG text chunks (tEXt, zTXt, iTXt) decompressed, in total
+    # PNG text chunks (tEXt, zTXt, iTXt) decompressed, in total; also a GIF's extension data (comments)
+    max_png_text_bytes: int = 1024 * 1024
+    max_blocks: int = 20_000  # JPEG segments and stray bytes, PNG chunks, GIF extension blocks: a Python step each
     max_original_bytes: int = 64 * 1024 * 1024  # larger originals are refused while streaming, with 413
     max_key_bytes: int = 1024
     max_frames: int = 100  # animated originals with more frames are served as a still of frame one

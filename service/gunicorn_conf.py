@@ -31,7 +31,7 @@ import socket
 import weakref
 from typing import Any
 
-from gunicorn import util
+import gunicorn.util
 
 worker_class = "gevent"
 workers = 1
@@ -43,6 +43,29 @@ keepalive = 75  # nginx keeps upstream connections open; do not close them under
 # No request-line limit of gunicorn's own: nginx already bounds it (8 KiB), but re-escapes the URI it forwards (up
 # to 3x longer), and gunicorn's refusal would be an HTML page. An over-long key gets the app's one-line 400.
 limit_request_line = 0
+# gunicorn's own refusals (a request nginx would never forward, sent to an instance directly): one plain line like
+# nginx's and the app's, with the same status gunicorn chose, never its HTML page quoting the request back.
+PLAIN_REFUSALS = {
+    400: "bad request: malformed URL or headers\n",
+    414: "request line too long\n",
+    431: "request header fields too large\n",
+    501: "bad request: unsupported transfer coding\n",
+}
+
+
+def write_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """Replaces ``gunicorn.util.write_error`` (which its workers call for every request they refuse themselves);
+    ``mesg``, gunicorn's detail quoting the request, is logged by gunicorn already and never sent."""
+    text = PLAIN_REFUSALS.get(status_int, "bad request\n" if status_int < 500 else "internal error\n").encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {len(text)}\r\n\r\n"
+    )
+    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + text)
+
+
+gunicorn.util.write_error = write_error  # loaded by the master before it forks: every worker answers so
+
 # Several instances per host: each must have its own control socket, or they fight over one.
 control_socket_disable = True
 accesslog = None  # nginx logs every request; the app logs only errors
@@ -124,22 +147,8 @@ def child_exit(server: Any, worker: Any) -> None:
         multiprocess.mark_process_dead(worker.pid)
 
 
-def plain_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
-    """gunicorn's own refusals (a malformed request line, over 100 headers: 431, which nginx passes through) in one
-    plain line like the app's errors (service/errors.py), instead of gunicorn's HTML page. ``mesg`` may echo the
-    request: it is left out, as the app leaves out an error's detail. Installed by ``post_fork``."""
-    body = f"{reason.lower()}\n".encode("latin-1")
-    head = (
-        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        f"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    util.write_nonblock(sock, head.encode("latin-1") + body)
-
-
 def post_fork(server: object, worker: object) -> None:
-    """In each worker, before it loads the app: gunicorn's own errors as plain lines (gunicorn has no setting for
-    it; its workers write them with ``gunicorn.util.write_error``), and malloc tuned for threaded renders."""
-    util.write_error = plain_error
+    """In each worker, before it loads the app: malloc tuned for threaded renders."""
     tune_malloc()
 
 

@@ -54,6 +54,7 @@ UNUSUAL = frozenset({0xC8, 0xCC, 0xDC, 0xDF, SOI, *range(0xF0, 0xFE)})
 # Markers without a length field: TEM, RST0-7 (inside entropy-coded data), SOI, EOI.
 STANDALONE = frozenset({0x01, *range(0xD0, 0xD8), SOI, EOI})
 NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+FILL_RUN = re.compile(rb"\xff+")
 MAX_EOB_RUN = 32_767  # the longest end-of-band run one Huffman symbol (EOB14 plus 14 bits) can code
 
 
@@ -79,8 +80,8 @@ def segments(data: bytes) -> Iterator[Segment]:
         if data[pos] != 0xFF:
             return
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
+        if marker == 0xFF:  # fill bytes: the whole run at once (to its last 0xFF), not one Python step per byte
+            pos = FILL_RUN.match(data, pos).end() - 1
             continue
         if marker in STANDALONE:
             yield Segment(marker, pos, pos + 2)

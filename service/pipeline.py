@@ -50,12 +50,13 @@ wraps nothing else): a bug of ours stays a logged 500, even when Pillow raises i
 from __future__ import annotations
 
 import dataclasses
-import functools
+import hashlib
 import io
 import itertools
 import math
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
@@ -83,10 +84,11 @@ from service.formats import (
     save_options,
 )
 from service.geometry import DRAFT_GAP, Layout, Point, layout, refocused
-from service.guards import check_canvas, check_jpeg_scans, gif_frames
+from service.guards import check_canvas, check_jpeg_scans, check_structure, gif_frames
 from service.intermediates import Intermediate, IntermediateCache
 from service.jpeg import dc_only, quarter
 from service.metrics import Timings
+from service.offload import native_lock
 from service.origins import Focus
 from service.presets import Preset
 from service.saliency import salient_point
@@ -174,11 +176,16 @@ def decoding() -> Iterator[None]:
     except FILE_ERRORS as exc:
         if not _raised_by_pillow(exc):
             raise
-        raise Unprocessable("corrupt or truncated image", f"{type(exc).__name__}: {exc}") from exc
+        detail = f"{type(exc).__name__}: {exc}"
+        if "MAX_TEXT" in str(exc):  # PngImagePlugin's text and ICC limits, which follow limits.max_png_text_bytes
+            raise Unprocessable("PNG text or ICC profile over limits.max_png_text_bytes", detail) from exc
+        raise Unprocessable("corrupt or truncated image", detail) from exc
 
 
 def open_image(data: bytes, limits: Limits) -> Image.Image:
-    """Read the header only, and refuse an oversized image before a single pixel is decoded."""
+    """Read the header only, and refuse an oversized image before a single pixel is decoded (and one with more
+    container structures than Pillow should parse before it is even opened: guards.check_structure)."""
+    check_structure(data, limits)
     with decoding():
         im = Image.open(io.BytesIO(data), formats=DECODERS)
     if im.format not in SOURCE_FORMATS:  # a decoder's label we have no rules for (as MPO once was): never a 500
@@ -217,7 +224,7 @@ def animation_frames(data: bytes, im: Image.Image, limits: Limits, encoding: Enc
     """
     canvas = im.size
     if im.format == "GIF":
-        frames, canvas = gif_frames(data, limits.max_frames)
+        frames, canvas = gif_frames(data, limits.max_frames, limits)
         check_canvas(canvas, limits)  # even a still decodes its first frame on the grown canvas
     if not encoding.animation or im.format not in ANIMATED_SOURCES:
         return 0
@@ -361,10 +368,9 @@ def orient(im: Image.Image, orientation: int) -> Image.Image:
     return im if transpose is None else im.transpose(transpose)
 
 
-@functools.lru_cache(maxsize=32)
-def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """A littleCMS transform from an embedded profile to sRGB (cached: building one costs more than using it;
-    littleCMS transforms are safe to apply from several threads at once)."""
+def _build_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """A littleCMS transform from an embedded profile to sRGB (littleCMS transforms are safe to apply from several
+    threads at once); None for a profile that cannot convert these pixels."""
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         space = profile.profile.xcolor_space.strip()
@@ -376,9 +382,39 @@ def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
         return None  # a broken profile is treated as none: better slightly-off colours than no image
 
 
+class TransformCache:
+    """The last ``size`` sRGB transforms, by the profile's digest (building one costs more than using it).
+
+    Keyed by digest, not by the profile's bytes: an embedded profile can be megabytes (JPEG APP2 chunks up to 16 MB,
+    a WebP ICCP chunk up to the whole file), and a cache keyed by the bytes would pin every one of them for the
+    process's life. Renders run on several native threads: every access holds a native lock.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple[bytes, str], ImageCms.ImageCmsTransform | None] = OrderedDict()
+        self._lock = native_lock()
+
+    def get(self, icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+        key = (hashlib.sha256(icc).digest(), mode)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        transform = _build_srgb_transform(icc, mode)
+        with self._lock:
+            self._entries[key] = transform
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return transform
+
+
+SRGB_TRANSFORMS = TransformCache(32)
+
+
 def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     """Convert pixels described by an embedded ICC profile to sRGB; CMYK always ends as RGB."""
-    transform = _srgb_transform(icc, im.mode) if icc else None
+    transform = SRGB_TRANSFORMS.get(icc, im.mode) if icc else None
     if transform is not None:
         return ImageCms.applyTransform(im, transform)
     return im.convert("RGB") if im.mode == "CMYK" else im

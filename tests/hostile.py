@@ -11,6 +11,9 @@ import zlib
 
 from PIL import Image, PngImagePlugin
 
+GIF_HEADER = b"GIF89a" + struct.pack("<HH", 1, 1) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
+GIF_FRAME = b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1) + b"\x00" + b"\x02\x02\x44\x01\x00"
+
 
 def saved(im: Image.Image, fmt: str, **options: object) -> bytes:
     out = io.BytesIO()
@@ -31,9 +34,7 @@ def growing_gif(screen: int, frame: int) -> bytes:
 
 def many_frames_gif(frames: int) -> bytes:
     """A GIF of ``frames`` 1x1 frames (about 16 bytes each)."""
-    frame = b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1) + b"\x00" + b"\x02\x02\x44\x01\x00"
-    header = b"GIF89a" + struct.pack("<HH", 1, 1) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
-    return header + frame * frames + b"\x3b"
+    return GIF_HEADER + GIF_FRAME * frames + b"\x3b"
 
 
 def tiny_scans(count: int) -> bytes:
@@ -85,3 +86,54 @@ def fat_metadata_jpeg(segments: int, seed: int) -> bytes:
     body = bytes([seed % 256]) * 65_000
     app = (b"\xff\xef" + struct.pack(">H", len(body) + 2) + body) * segments
     return data[:2] + app + data[2:]
+
+
+def many_comments_gif(comments: int, comment_bytes: int = 0) -> bytes:
+    """A 1x1 GIF whose frame follows ``comments`` comment extensions of ``comment_bytes`` each (in sub-blocks of up
+    to 255): Pillow reads each in Python and joins a frame's comments quadratically (3 million empty ones: minutes)."""
+    body = b"".join(bytes([len(part)]) + part for part in _split(b"c" * comment_bytes, 255))
+    return GIF_HEADER + (b"\x21\xfe" + body + b"\x00") * comments + GIF_FRAME + b"\x3b"
+
+
+def _split(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def many_chunks_png(chunks: int) -> bytes:
+    """A 64x64 PNG with ``chunks`` empty private ancillary chunks before its pixels (12 bytes each)."""
+    data = saved(Image.new("RGB", (64, 64), "green"), "PNG")
+    return data[:33] + png_chunk(b"phIz", b"") * chunks + data[33:]  # after the signature and IHDR
+
+
+def many_segments_jpeg(segments: int) -> bytes:
+    """A 64x64 JPEG with ``segments`` empty APP5 segments (4 bytes each) before its frame header."""
+    data = saved(Image.new("RGB", (64, 64), "green"), "JPEG")
+    return data[:2] + b"\xff\xe5\x00\x02" * segments + data[2:]
+
+
+def fat_icc_jpeg(icc_bytes: int, seed: int) -> bytes:
+    """A 64x64 JPEG carrying an ``icc_bytes`` embedded profile (unusable: littleCMS refuses it, the pixels stay)."""
+    profile = bytes([seed % 256]) * icc_bytes
+    return saved(Image.new("RGB", (64, 64), (seed % 256, 40, 90)), "JPEG", icc_profile=profile)
+
+
+def png_iccp_bomb(inflated: int) -> bytes:
+    """A 64x64 PNG whose iCCP chunk inflates to ``inflated`` bytes (a few KB in the file)."""
+    data = saved(Image.new("RGB", (64, 64), "green"), "PNG")
+    return data[:33] + png_chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(b"\x00" * inflated, 9)) + data[33:]
+
+
+def idat_bomb_png(side: int) -> bytes:
+    """A ``side`` x ``side`` RGB PNG of zeros: megapixels from a few hundred KB (within max_pixels up to 7071)."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    compressor = zlib.compressobj(9)
+    idat = compressor.compress(b"\x00" * ((side * 3 + 1) * side)) + compressor.flush()
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def stray_bytes_jpeg(count: int, byte: int) -> bytes:
+    """A 64x64 JPEG with ``count`` bytes outside any segment before its quantization tables: 0xFF fill bytes
+    (allowed before a marker) or junk, both of which Pillow's header parser reads one Python step at a time."""
+    data = saved(Image.new("RGB", (64, 64), "green"), "JPEG")
+    tables = data.index(b"\xff\xdb")
+    return data[:tables] + bytes([byte]) * count + data[tables:]

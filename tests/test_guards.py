@@ -3,8 +3,10 @@ and the output size each encoder can write; every refusal is a 4xx (TooLarge/Unp
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,19 @@ from service.errors import TooLarge, Unprocessable
 from service.guards import configure_decoders, gif_frames, jpeg_scans
 from service.pipeline import Pipeline
 from service.presets import Preset
-from tests.hostile import growing_gif, many_frames_gif, tall_png, text_png, tiny_scans
+from tests.hostile import (
+    fat_icc_jpeg,
+    growing_gif,
+    many_chunks_png,
+    many_comments_gif,
+    many_frames_gif,
+    many_segments_jpeg,
+    png_iccp_bomb,
+    stray_bytes_jpeg,
+    tall_png,
+    text_png,
+    tiny_scans,
+)
 from tests.imaging import DEFAULT_CONFIG, decode, render
 
 SMALL = Preset("small", 320)
@@ -56,8 +70,10 @@ def test_png_text_is_bounded(decoders: None) -> None:
     configure_decoders(DEFAULT_CONFIG.limits)
     assert DEFAULT_CONFIG.limits.max_png_text_bytes == PngImagePlugin.MAX_TEXT_MEMORY
     pipeline = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
-    with pytest.raises(Unprocessable):
+    with pytest.raises(Unprocessable, match="max_png_text_bytes"):
         render(pipeline, text_png(2 * 1024 * 1024), SMALL)  # 2 MiB of text in a few KB
+    with pytest.raises(Unprocessable, match="max_png_text_bytes"):
+        render(pipeline, png_iccp_bomb(2 * 1024 * 1024), SMALL)  # an ICC profile inflating to 2 MiB
     assert render(pipeline, text_png(10_000), SMALL).width == 64  # ordinary text is fine
 
 
@@ -92,3 +108,53 @@ def test_a_frame_beyond_the_header_is_refused_from_the_blocks() -> None:
     """Without Pillow's own limit (set per process), the block walk alone refuses the grown canvas."""
     with pytest.raises(TooLarge, match="12000x12000"):
         render(Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits), growing_gif(100, 12000), SMALL)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: many_comments_gif(n),  # Pillow joins a frame's comments quadratically: 3M empty ones took minutes
+        lambda n: many_chunks_png(n),
+        lambda n: many_segments_jpeg(n),
+        lambda n: stray_bytes_jpeg(n, 0xFF),  # fill bytes: 10 MB of them took 8.7 s
+        lambda n: stray_bytes_jpeg(n, 0x00),
+    ],
+    ids=["gif-extensions", "png-chunks", "jpeg-segments", "jpeg-fill-bytes", "jpeg-junk"],
+)
+def test_too_many_structures_are_refused_before_pillow_parses_them(make: Callable[[int], bytes]) -> None:
+    pipeline = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
+    assert render(pipeline, make(1000), SMALL).width in (1, 64)  # ordinary counts are fine
+    data = make(2_000_000)  # 6-24 MB of empty structures
+    started = time.perf_counter()
+    with pytest.raises(TooLarge, match="max_blocks"):
+        render(pipeline, data, SMALL)
+    assert time.perf_counter() - started < 0.5
+    strict = Pipeline(DEFAULT_CONFIG.encoding, Limits(max_blocks=500))
+    with pytest.raises(TooLarge, match="max_blocks"):
+        render(strict, make(1000), SMALL)
+
+
+def test_gif_comment_bytes_are_bounded_like_png_text() -> None:
+    pipeline = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
+    assert render(pipeline, many_comments_gif(10, 1000), SMALL).width == 1
+    started = time.perf_counter()
+    with pytest.raises(TooLarge, match="max_png_text_bytes"):
+        render(pipeline, many_comments_gif(10, 200_000), SMALL)  # 2 MB of comments in one frame
+    assert time.perf_counter() - started < 0.5
+
+
+def test_embedded_profiles_are_not_kept_after_the_render() -> None:
+    """The sRGB transforms are cached by the profile's digest: megabyte profiles do not stay in memory."""
+    pipeline = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
+    render(pipeline, fat_icc_jpeg(1000, 0), SMALL)  # warm up
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for seed in range(1, 9):
+            assert render(pipeline, fat_icc_jpeg(2 * 1024 * 1024, seed), SMALL).width == 64
+        gc.collect()
+        growth = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert growth < 1024 * 1024  # keyed by the profiles themselves: 16 MiB
