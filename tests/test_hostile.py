@@ -166,8 +166,15 @@ def test_every_response_says_nosniff_once(stack: Stack) -> None:
 
 
 def raw_exchange(stack: Stack, request: bytes) -> tuple[int, bytes]:
-    """Send ``request`` as is on a new connection; the status and body of the answer (to its Content-Length)."""
-    host, port = stack.url.removeprefix("http://").rsplit(":", 1)
+    """Send ``request`` as is to the stack's nginx on a new connection; the status and body of the answer."""
+    head, body = raw_answer(stack.url, request)
+    return int(head.split(b" ")[1]), body
+
+
+def raw_answer(url: str, request: bytes) -> tuple[bytes, bytes]:
+    """Send ``request`` as is to ``url``'s server on a new connection; the head and body of the answer (to its
+    Content-Length)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=15) as conn:
         conn.sendall(request)
         answer = b""
@@ -178,7 +185,7 @@ def raw_exchange(stack: Stack, request: bytes) -> tuple[int, bytes]:
             if lengths and len(body) >= int(lengths[0].split(b":")[1]):
                 break
     head, _, body = answer.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), body
+    return head, body
 
 
 @pytest.mark.parametrize(
@@ -233,7 +240,6 @@ def test_no_path_reaches_outside_the_file_origin(stack: Stack, path: str) -> Non
 def test_an_instance_refuses_malformed_requests_in_one_line_too(tmp_path: Path) -> None:
     """gunicorn's own refusals (only reachable by connecting to an instance directly) are nginx's one plain line."""
     with support.instance(tmp_path, [f"file://{tmp_path}"]) as (_, url):
-        host, port = url.removeprefix("http://").rsplit(":", 1)
         for request, status, body in [
             (b"GARBAGE\r\n\r\n", 400, b"bad request: malformed URL or headers\n"),
             (b"GET /small/x.jpg HTTP/9.9\r\nHost: x\r\n\r\n", 400, b"bad request: malformed URL or headers\n"),
@@ -243,11 +249,6 @@ def test_an_instance_refuses_malformed_requests_in_one_line_too(tmp_path: Path) 
                 b"request header fields too large\n",
             ),
         ]:
-            with socket.create_connection((host, int(port)), timeout=15) as conn:
-                conn.sendall(request)
-                answer = b""
-                while chunk := conn.recv(65536):
-                    answer += chunk
-            head, _, got = answer.partition(b"\r\n\r\n")
-            assert (int(head.split(b" ")[1]), got) == (status, body), answer[:200]
+            head, got = raw_answer(url, request)
+            assert (int(head.split(b" ")[1]), got) == (status, body), head
             assert b"X-Content-Type-Options: nosniff" in head
