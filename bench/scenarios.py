@@ -119,11 +119,12 @@ def _rounds(
         results: dict[str, WrkResult] = {}
         cpu_ms: dict[str, float] = {}
         for side, base, paths in order:
-            pids = bench.phizer_pids() if side == "phizer" else peer_pids()
-            before = system.cpu_seconds(pids)
+            pids = bench.phizer_pids if side == "phizer" else peer_pids
+            before = system.cpu_seconds(pids())
             results[side] = run_wrk(base, paths, duration=duration, connections=connections, cpus=bench.cpus)
-            # Per successful answer: a quick 503 must not dilute the CPU an answered request took.
-            cpu_ms[side] = (system.cpu_seconds(pids) - before) * 1000 / max(1, results[side].ok_requests)
+            # Per successful answer: a quick 503 must not dilute the CPU an answered request took. The tree is
+            # listed again: a worker that replaced a recycled one is counted too.
+            cpu_ms[side] = (system.cpu_seconds(pids()) - before) * 1000 / max(1, results[side].ok_requests)
             time.sleep(PAUSE)
         phizer, peer = results["phizer"], results["peer"]
         rounds.append(

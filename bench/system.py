@@ -54,14 +54,16 @@ def rss_mb(pid: int) -> float:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time consumed so far by ``pids`` (each process's own, not its children's)."""
+    """User + system CPU time consumed so far by ``pids``, each with its children that have exited (a recycled
+    gunicorn worker's time moves to its master when it is reaped: a tree measured before and after a run keeps
+    counting it, where the processes' own times alone would drop it and could even go backwards)."""
     total = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        total += sum(int(field) for field in fields[11:15])  # utime, stime, cutime, cstime (fields 14-17 of stat)
     return total / CLOCK_TICKS
 
 
