@@ -12,7 +12,6 @@ markers, chunks or blocks that stops at its limit, never the entropy-coded or co
 
 from __future__ import annotations
 
-import itertools
 import re
 import warnings
 
@@ -40,15 +39,17 @@ def configure_decoders(limits: Limits) -> None:
     PngImagePlugin.MAX_TEXT_MEMORY = limits.max_png_text_bytes
 
 
-def jpeg_scans(data: bytes, stop_after: int) -> int:
-    """The number of scans (SOS markers) in a JPEG, counted from its markers (service/jpeg.py walks them); stops
-    counting past ``stop_after``. A malformed stream ends the count: the decoder reports it."""
-    scans = 0
+def jpeg_segments(data: bytes, max_segments: int, max_scans: int) -> tuple[int, int]:
+    """The numbers of segments and of scans (SOS markers) in a JPEG, counted from its markers in one walk
+    (service/jpeg.py walks them) that stops past either limit. A malformed stream ends the count: the decoder
+    reports it."""
+    count, scans = 0, 0
     for segment in segments(data):
+        count += 1
         scans += segment.marker == SOS
-        if scans > stop_after:
+        if count > max_segments or scans > max_scans:
             break
-    return scans
+    return count, scans
 
 
 def gif_frames(data: bytes, stop_after: int, limits: Limits | None = None) -> tuple[int, tuple[int, int]]:
@@ -139,8 +140,11 @@ def check_structure(data: bytes, limits: Limits) -> None:
     parses each in Python (about 2 us each, 10,000 cost 20-30 ms; a 64 MB file of empty ones seconds). Real files
     hold tens (JPEG, GIF) to a few thousand (PNG, one IDAT chunk per 8-64 KiB). WebP is parsed by libwebp, in C."""
     limit = limits.max_blocks
-    if data.startswith(b"\xff\xd8"):
-        count = max(sum(1 for _ in itertools.islice(segments(data), limit + 1)), jpeg_header_steps(data, limit))
+    if data.startswith(b"\xff\xd8"):  # one walk bounds the segments (ours to walk again) and counts the scans
+        count, scans = jpeg_segments(data, limit, limits.max_jpeg_scans)
+        if count <= limit and scans > limits.max_jpeg_scans:
+            raise TooLarge(f"JPEG has more than {limits.max_jpeg_scans} scans (limits.max_jpeg_scans)")
+        count = max(count, jpeg_header_steps(data, limit))
     elif data.startswith(PNG_SIGNATURE):
         count = png_chunks(data, limit)
     elif data.startswith((b"GIF87a", b"GIF89a")):
@@ -158,9 +162,3 @@ def check_canvas(canvas: tuple[int, int], limits: Limits) -> None:
     if canvas[0] * canvas[1] > limits.max_pixels:
         raise TooLarge(f"a frame grows the image to {canvas[0]}x{canvas[1]} pixels, over limits.max_pixels")
 
-
-def check_jpeg_scans(data: bytes, limits: Limits) -> None:
-    """Refuse a JPEG with more scans than ``limits.max_jpeg_scans`` before it is decoded."""
-    scans = jpeg_scans(data, limits.max_jpeg_scans)
-    if scans > limits.max_jpeg_scans:
-        raise TooLarge(f"JPEG has more than {limits.max_jpeg_scans} scans (limits.max_jpeg_scans)")

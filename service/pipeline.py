@@ -84,7 +84,7 @@ from service.formats import (
     save_options,
 )
 from service.geometry import DRAFT_GAP, Layout, Point, layout, refocused
-from service.guards import check_canvas, check_jpeg_scans, check_structure, gif_frames
+from service.guards import check_canvas, check_structure, gif_frames
 from service.intermediates import Intermediate, IntermediateCache
 from service.jpeg import dc_only, quarter
 from service.metrics import Timings
@@ -132,7 +132,7 @@ class RenderContext:
     """One render, from the opened original to the encoded bytes. Owned by one render thread."""
 
     preset: Preset
-    data: bytes  # the original's bytes (read again only by the decode-cost checks)
+    data: bytes  # the original's bytes (read again by the decode fast paths)
     forced_format: str | None  # from a URL suffix
     negotiated: str  # the request's format token ("avif", "webp" or ""), see service/presets.py
     source: Image.Image  # opened, header read, not yet decoded: this render's own file object
@@ -560,8 +560,8 @@ class Pipeline:
     def intermediate(self, ctx: RenderContext, digest: str | None) -> Intermediate:
         """The decoded original at the size this preset needs (or a kept, bigger one).
 
-        With a ``digest`` and a non-zero cache size, the result is kept for the original's next presets. The
-        decode-cost check (JPEG scans) runs only when decoding: a kept intermediate was checked when it was made.
+        With a ``digest`` and a non-zero cache size, the result is kept for the original's next presets. (The
+        decode-cost checks, JPEG scans included, ran when the original was opened: guards.check_structure.)
         """
         keep = digest is not None and self.intermediates.max_bytes > 0
         target = ctx.layout.decode_size
@@ -574,8 +574,6 @@ class Pipeline:
             if self.intermediates.holds(digest):
                 target = self.widest(ctx)
         with ctx.timings.stage("decode"):
-            if ctx.source_format == "jpeg":
-                check_jpeg_scans(ctx.data, self.limits)
             decoded = load(ctx, target)
             if keep:
                 decoded = reduced(decoded, target)

@@ -14,7 +14,7 @@ from PIL import PngImagePlugin
 
 from service.config import Limits
 from service.errors import TooLarge, Unprocessable
-from service.guards import configure_decoders, gif_frames, jpeg_scans
+from service.guards import configure_decoders, gif_frames, jpeg_segments
 from service.pipeline import Pipeline
 from service.presets import Preset
 from tests.hostile import (
@@ -43,11 +43,12 @@ def decoders() -> Iterator[None]:
 
 
 def test_scans_are_counted_from_markers(corpus: Path) -> None:
-    assert jpeg_scans((corpus / "05_storm_2.5mp_baseline.jpg").read_bytes(), 100) == 1
-    assert jpeg_scans((corpus / "02_seeding_16mp_progressive.jpg").read_bytes(), 100) == 10
-    assert jpeg_scans(b'\xff\xd8' + tiny_scans(37) + b'\xff\xd9', 100) == 37
+    assert jpeg_segments((corpus / "05_storm_2.5mp_baseline.jpg").read_bytes(), 10**9, 100)[1] == 1
+    assert jpeg_segments((corpus / "02_seeding_16mp_progressive.jpg").read_bytes(), 10**9, 100)[1] == 10
+    assert jpeg_segments(b'\xff\xd8' + tiny_scans(37) + b'\xff\xd9', 10**9, 100)[1] == 37
+    # stops counting past the limit
     started = time.perf_counter()
-    assert jpeg_scans(b'\xff\xd8' + tiny_scans(200_000) + b'\xff\xd9', 100) == 101  # stops counting past the limit
+    assert jpeg_segments(b'\xff\xd8' + tiny_scans(200_000) + b'\xff\xd9', 10**9, 100)[1] == 101
     assert time.perf_counter() - started < 0.5
 
 
