@@ -14,6 +14,7 @@ bounds is the memory it pins.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 
 from PIL import Image
 
@@ -71,45 +72,120 @@ class Intermediate:
         return im.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
 
 
+class Decode:
+    """A claim on decoding one original at ``target``, held while the decode runs.
+
+    The presets of one page's image arrive together (a browser asks for a thumbnail and its large view at once,
+    and nginx pins them all to this instance): without claims each would decode the same file at the same time.
+    A render whose size an ongoing decode covers waits for it instead (``wait``): the wait is never longer than
+    decoding again, and frees the core for other work.
+    """
+
+    __slots__ = ("_running", "digest", "preset", "target")
+
+    def __init__(self, digest: str, target: tuple[int, int], preset: str = "") -> None:
+        self.digest = digest
+        self.target = target
+        self.preset = preset  # the name of the preset whose render claimed it
+        self._running = native_lock()  # held until the decode is done: waiters block on it, on native threads
+        self._running.acquire()
+
+    def covers(self, decode_size: tuple[int, int]) -> bool:
+        """Whether the intermediate this decode makes will serve a preset needing ``decode_size``
+        (``load()`` decodes to at least ``DRAFT_GAP`` times its target, as ``Intermediate.serves`` asks)."""
+        return self.target[0] >= decode_size[0] and self.target[1] >= decode_size[1]
+
+    def wait(self) -> None:
+        self._running.acquire()
+        self._running.release()
+
+    def finish(self) -> None:
+        self._running.release()
+
+
 class IntermediateCache:
-    """A per-instance LRU of intermediates by original digest, bounded in bytes.
+    """A per-instance LRU of intermediates by original digest, bounded in bytes, and the decodes under way.
+
+    An intermediate that has served every configured preset goes to the cold end of the LRU: nginx caches each
+    rendition, so it is the least likely to be asked for again (another format of a size, a signed ad-hoc size),
+    while one still missing a preset is about to be (a page asks for an image's sizes together). With a page of
+    big originals in flight, plain LRU order evicted those about to be used and kept those done with.
 
     Renders run on several native threads (service/offload.py), so every access holds a native lock; entries
     are read-only (see ``Intermediate``), so handing one to several threads at once is safe.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, presets: Iterable[str] = ()) -> None:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
+        self.presets = frozenset(presets)  # the configured presets' names (none: plain LRU order)
         self._entries: OrderedDict[str, Intermediate] = OrderedDict()
+        self._served: dict[str, set[str]] = {}  # per kept original: the configured presets rendered from it
+        self._decoding: dict[str, list[Decode]] = {}
         self._lock = native_lock()
 
-    def get(self, digest: str, decode_size: tuple[int, int]) -> Intermediate | None:
-        with self._lock:
-            entry = self._entries.get(digest)
-            if entry is None or not entry.serves(decode_size):
-                self.misses += 1
-                return None
-            self._entries.move_to_end(digest)
-            self.hits += 1
-            return entry
+    def lookup(
+        self, digest: str, decode_size: tuple[int, int], widest: Callable[[], tuple[int, int]], preset: str = ""
+    ) -> Intermediate | Decode:
+        """The kept intermediate that serves ``decode_size`` (for the preset named ``preset``), waiting for a decode
+        under way that will make one; else a claim to decode, which the caller must hand back to ``done`` whatever
+        happens.
 
-    def holds(self, digest: str) -> bool:
-        """Whether an intermediate of this original is kept, at whatever size."""
-        with self._lock:
-            return digest in self._entries
+        The claim's size is ``decode_size`` for an original's first decode, and ``widest()`` (every configured
+        preset's need) when the original is already kept or being decoded at a smaller size: it is being asked
+        at several sizes, so this decode serves them all and the original is decoded at most twice.
+        """
+        while True:
+            with self._lock:
+                entry = self._entries.get(digest)
+                if entry is not None and entry.serves(decode_size):
+                    self.hits += 1
+                    self._used(digest, preset)
+                    return entry
+                under_way = self._decoding.setdefault(digest, [])
+                awaited = next((claim for claim in under_way if claim.covers(decode_size)), None)
+                if awaited is None:
+                    self.misses += 1
+                    several = entry is not None or bool(under_way)
+                    claim = Decode(digest, widest() if several else decode_size, preset)
+                    under_way.append(claim)
+                    return claim
+            awaited.wait()  # then look again: kept now, unless that decode failed or was too big to keep
 
-    def put(self, digest: str, entry: Intermediate) -> None:
+    def done(self, claim: Decode, entry: Intermediate | None) -> None:
+        """End ``claim``: keep ``entry`` (None when the decode failed) and wake the renders waiting for it."""
         with self._lock:
-            old = self._entries.pop(digest, None)
-            if old is not None:
-                self.nbytes -= old.nbytes
-            if entry.nbytes > self.max_bytes:
-                return
-            self._entries[digest] = entry
-            self.nbytes += entry.nbytes
-            while self.nbytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self.nbytes -= evicted.nbytes
+            under_way = self._decoding[claim.digest]
+            under_way.remove(claim)
+            if not under_way:
+                del self._decoding[claim.digest]
+            if entry is not None:
+                self._put(claim.digest, entry)
+                self._used(claim.digest, claim.preset)
+        claim.finish()
+
+    def _used(self, digest: str, preset: str) -> None:
+        """Note that ``preset`` was rendered from the kept ``digest``: most recently used, unless it has now served
+        every configured preset (then least recently used, see the class)."""
+        if digest not in self._entries:  # too big to keep
+            return
+        served = self._served.setdefault(digest, set())
+        if preset in self.presets:
+            served.add(preset)
+        self._entries.move_to_end(digest, last=not self.presets or not self.presets <= served)
+
+    def _put(self, digest: str, entry: Intermediate) -> None:
+        old = self._entries.pop(digest, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        if entry.nbytes > self.max_bytes:
+            self._served.pop(digest, None)
+            return
+        self._entries[digest] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.max_bytes:
+            evicted_digest, evicted = self._entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+            self._served.pop(evicted_digest, None)

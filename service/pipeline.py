@@ -35,7 +35,9 @@ so a reader sees what happens to every pixel and in which order, and the output 
 - Intermediates (service/intermediates.py): each instance keeps a small LRU of decoded, shrunk-on-load originals
   by digest; a preset that needs no more pixels than the kept one resizes from it. When a later preset needs
   more, that second decode is made for the largest configured preset (``Pipeline.widest``): an original asked at
-  several sizes is decoded at most twice, whatever the order of its presets.
+  several sizes is decoded at most twice, whatever the order of its presets. Presets arriving together (a page
+  asks for an image's sizes at once) wait for a decode of the same original already under way when it is big
+  enough for them, and the first one that needs more decodes for the largest preset at once.
 
 Concurrency: renders run on several native threads at once. Everything a render changes is its own (the opened
 file, every image from ``crop_resize`` on, the context); what is shared is read-only (kept intermediates, cached
@@ -486,7 +488,7 @@ class Pipeline:
         self.encoding = encoding
         self.limits = limits
         self.presets = tuple(presets)  # the configured presets: what an original asked at several sizes may need
-        self.intermediates = IntermediateCache(limits.intermediate_cache_bytes)
+        self.intermediates = IntermediateCache(limits.intermediate_cache_bytes, (p.name for p in self.presets))
 
     def render(
         self,
@@ -560,25 +562,24 @@ class Pipeline:
     def intermediate(self, ctx: RenderContext, digest: str | None) -> Intermediate:
         """The decoded original at the size this preset needs (or a kept, bigger one).
 
-        With a ``digest`` and a non-zero cache size, the result is kept for the original's next presets. (The
-        decode-cost checks, JPEG scans included, ran when the original was opened: guards.check_structure.)
+        With a ``digest`` and a non-zero cache size, the result is kept for the original's next presets, and a decode
+        of the same original under way on another render thread is waited for when it is big enough (service/
+        intermediates.py: ``IntermediateCache.lookup``). (The decode-cost checks, JPEG scans included, ran when the
+        original was opened: guards.check_structure.)
         """
-        keep = digest is not None and self.intermediates.max_bytes > 0
-        target = ctx.layout.decode_size
-        if keep:
-            assert digest is not None
-            kept = self.intermediates.get(digest, target)
-            ctx.timings.intermediate = "miss" if kept is None else "hit"
-            if kept is not None:
-                return kept
-            if self.intermediates.holds(digest):
-                target = self.widest(ctx)
-        with ctx.timings.stage("decode"):
-            decoded = load(ctx, target)
-            if keep:
-                decoded = reduced(decoded, target)
-        if keep:
-            self.intermediates.put(digest, decoded)
+        if digest is None or self.intermediates.max_bytes <= 0:
+            with ctx.timings.stage("decode"):
+                return load(ctx, ctx.layout.decode_size)
+        found = self.intermediates.lookup(digest, ctx.layout.decode_size, lambda: self.widest(ctx), ctx.preset.name)
+        ctx.timings.intermediate = "hit" if isinstance(found, Intermediate) else "miss"
+        if isinstance(found, Intermediate):
+            return found
+        decoded = None
+        try:
+            with ctx.timings.stage("decode"):
+                decoded = reduced(load(ctx, found.target), found.target)
+        finally:
+            self.intermediates.done(found, decoded)
         return decoded
 
     def widest(self, ctx: RenderContext) -> tuple[int, int]:

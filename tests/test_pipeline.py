@@ -10,7 +10,10 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from service.config import Encoding, Limits
 from service.errors import TooLarge, Unprocessable, UnsupportedMedia
 from service.formats import choose_format
 from service.geometry import output_size
-from service.intermediates import Intermediate, IntermediateCache
+from service.intermediates import Decode, Intermediate, IntermediateCache
 from service.pipeline import Pipeline
 from service.presets import Preset
 from tests.imaging import DEFAULT_CONFIG, corpus_files, decode, psnr, render
@@ -326,6 +329,21 @@ def test_pixel_limit_is_checked_from_the_header(corpus: Path) -> None:
         render(strict, (corpus / "16_storm_720_30k.jpg").read_bytes(), SMALL)
 
 
+def keep(cache: IntermediateCache, digest: str, entry: Intermediate) -> None:
+    """Decode-and-keep as a render does: claim the decode, hand the result back."""
+    claim = cache.lookup(digest, (1, 1), lambda: (1, 1))
+    assert isinstance(claim, Decode), f"{digest} was kept already"
+    cache.done(claim, entry)
+
+
+def kept(cache: IntermediateCache, digest: str) -> bool:
+    """Whether ``digest`` is kept (a lookup that finds nothing claims a decode: given back at once)."""
+    found = cache.lookup(digest, (10, 10), lambda: (10, 10))
+    if isinstance(found, Decode):
+        cache.done(found, None)
+    return isinstance(found, Intermediate)
+
+
 def test_intermediate_cache_is_an_lru_bounded_in_bytes() -> None:
     cache = IntermediateCache(max_bytes=3 * 100 * 100 * 4)  # Pillow keeps RGB in 4 bytes a pixel
 
@@ -333,14 +351,94 @@ def test_intermediate_cache_is_an_lru_bounded_in_bytes() -> None:
         return Intermediate(Image.new("RGB", (size, size)), 1.0)
 
     for name in "abc":
-        cache.put(name, entry())
-    assert cache.get("a", (10, 10)) is not None  # a is now the most recently used
-    cache.put("d", entry())
-    assert cache.get("b", (10, 10)) is None  # b was the least recently used
-    assert all(cache.get(name, (10, 10)) for name in "acd")
+        keep(cache, name, entry())
+    assert kept(cache, "a")  # a is now the most recently used
+    keep(cache, "d", entry())
+    assert not kept(cache, "b")  # b was the least recently used
+    assert all(kept(cache, name) for name in "acd")
     assert cache.nbytes == 3 * 100 * 100 * 4
-    cache.put("huge", entry(1000))
-    assert cache.get("huge", (10, 10)) is None and cache.nbytes <= cache.max_bytes
+    keep(cache, "huge", entry(1000))
+    assert not kept(cache, "huge") and cache.nbytes <= cache.max_bytes
+
+
+def test_an_intermediate_that_served_every_preset_is_evicted_first() -> None:
+    """nginx caches each rendition: the kept original done with every preset goes before one still in use."""
+    cache = IntermediateCache(max_bytes=2 * 100 * 100 * 4, presets=("thumb", "large"))
+
+    def serve(digest: str, preset: str) -> None:
+        found = cache.lookup(digest, (10, 10), lambda: (10, 10), preset)
+        if isinstance(found, Decode):
+            cache.done(found, Intermediate(Image.new("RGB", (100, 100)), 1.0))
+
+    serve("busy", "thumb")
+    serve("done", "thumb")
+    serve("done", "large")  # most recently used, but it has served both presets
+    serve("new", "thumb")
+    assert kept(cache, "busy") and not kept(cache, "done")
+
+
+def test_a_decode_under_way_is_waited_for_when_it_is_big_enough() -> None:
+    """Renders of one original arriving together share its decode; one needing more claims the widest at once."""
+    cache = IntermediateCache(max_bytes=10**8)
+    widest = (1600, 1200)
+    first = cache.lookup("x", (300, 200), lambda: widest)
+    assert isinstance(first, Decode) and first.target == (300, 200)  # an original's first decode is its own size
+    bigger = cache.lookup("x", (800, 600), lambda: widest)
+    assert isinstance(bigger, Decode) and bigger.target == widest  # asked at several sizes: decode for them all
+
+    found: dict[str, Intermediate | Decode] = {}
+    waiting = [
+        threading.Thread(target=lambda: found.update(small=cache.lookup("x", (150, 100), lambda: widest))),
+        threading.Thread(target=lambda: found.update(large=cache.lookup("x", (1600, 1200), lambda: widest))),
+    ]
+    for thread in waiting:
+        thread.start()
+    time.sleep(0.2)
+    assert all(thread.is_alive() for thread in waiting)  # both wait: neither decodes the same file again
+    cache.done(first, Intermediate(Image.new("RGB", (450, 300)), 8.0))
+    waiting[0].join(5)
+    assert isinstance(found["small"], Intermediate) and found["small"].size == (450, 300)
+    assert waiting[1].is_alive()  # the small decode does not serve 1600 px: still waiting for the widest
+    cache.done(bigger, Intermediate(Image.new("RGB", (2400, 1800)), 2.0))
+    waiting[1].join(5)
+    assert isinstance(found["large"], Intermediate) and found["large"].size == (2400, 1800)
+    assert (cache.misses, cache.hits) == (2, 2)
+
+
+def test_a_failed_decode_wakes_its_waiters_to_decode_themselves() -> None:
+    cache = IntermediateCache(max_bytes=10**8)
+    first = cache.lookup("x", (300, 200), lambda: (300, 200))
+    assert isinstance(first, Decode)
+    found: list[Intermediate | Decode] = []
+    waiter = threading.Thread(target=lambda: found.append(cache.lookup("x", (300, 200), lambda: (300, 200))))
+    waiter.start()
+    time.sleep(0.1)
+    cache.done(first, None)  # the decode raised: nothing kept
+    waiter.join(5)
+    assert not waiter.is_alive() and isinstance(found[0], Decode) and found[0].target == (300, 200)
+    cache.done(found[0], None)
+
+
+def test_concurrent_presets_of_one_original_decode_it_at_most_twice(corpus: Path) -> None:
+    """A page's four presets of one image rendered at once: the same bytes as alone, from at most two decodes."""
+    data = (corpus / "02_seeding_16mp_progressive.jpg").read_bytes()
+    presets = DEFAULT_CONFIG.presets
+
+    def fresh() -> Pipeline:
+        return Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits, presets.values())
+
+    # Each rendition is either the one decoded for its own size or the one from the widest decode (large's).
+    widest = fresh()
+    render(widest, data, presets["large"])
+    expected = {name: {render(fresh(), data, preset).body, render(widest, data, preset).body}
+                for name, preset in presets.items()}
+    for _ in range(5):
+        shared = fresh()
+        with ThreadPoolExecutor(len(presets)) as pool:
+            futures = {name: pool.submit(render, shared, data, preset) for name, preset in presets.items()}
+            together = {name: future.result().body for name, future in futures.items()}
+        assert shared.intermediates.misses <= 2 and shared.intermediates.hits >= len(presets) - 2
+        assert all(together[name] in expected[name] for name in presets)
 
 
 def test_intermediate_serves_only_presets_it_is_big_enough_for() -> None:
