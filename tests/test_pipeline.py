@@ -427,11 +427,13 @@ def test_concurrent_presets_of_one_original_decode_it_at_most_twice(corpus: Path
     def fresh() -> Pipeline:
         return Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits, presets.values())
 
-    # Each rendition is either the one decoded for its own size or the one from the widest decode (large's).
-    widest = fresh()
-    render(widest, data, presets["large"])
-    expected = {name: {render(fresh(), data, preset).body, render(widest, data, preset).body}
-                for name, preset in presets.items()}
+    def after(first: Preset, preset: Preset) -> bytes:
+        pipeline = fresh()
+        render(pipeline, data, first)
+        return render(pipeline, data, preset).body
+
+    # Each rendition is one rendered alone after some preset (whose decode it may have used), itself included.
+    expected = {name: {after(first, preset) for first in presets.values()} for name, preset in presets.items()}
     for _ in range(5):
         shared = fresh()
         with ThreadPoolExecutor(len(presets)) as pool:
