@@ -13,10 +13,13 @@ So every render first takes one of ``render_threads`` slots shared by all instan
 - A miss that finds no free slot waits in its instance's line, first come first served, at most
   ``limits.render_wait`` seconds and never past its deadline; at most ``limits.render_queue`` requests of an
   instance wait at once. Beyond either it gets ``503`` with ``Retry-After`` at once: shed honestly, never queued
-  for minutes. Only the head of the line polls the lock files (every ``POLL`` seconds: a slot freed by another
-  instance cannot wake it, and a short poll keeps a freed slot from idling), and a new arrival never takes a slot
-  before those already waiting: with every waiter polling, the unlucky ones were overtaken again and again and shed
-  after ``render_wait`` while later ones rendered at once (seen in make bench under load: p99 pinned at 2 s).
+  for minutes. Only the head of the line tries the lock files, and a new arrival never takes a slot before those
+  already waiting: with every waiter polling, the unlucky ones were overtaken again and again and shed after
+  ``render_wait`` while later ones rendered at once (seen in make bench under load: p99 pinned at 2 s). A render
+  thread that frees a slot rings its instance's doorbell (service/offload.py), so the head takes it at once; the
+  head also polls every ``POLL`` seconds, for slots freed by other instances, which ring no bell here. The others
+  in line sleep until the line moves: each waiter woke every ``POLL`` seconds before (2.5% of a core per waiter,
+  and a page in a browser keeps four waiting), and a local slot waited half a poll on average before it was taken.
 - A full line is seen before any origin work: a miss that arrives while ``render_queue`` others of its instance
   wait gets its 503 at once, before its original is fetched, hashed and stored in memcached (it would find the
   line full after its fetch as well, unless a slot freed meanwhile). A burst of distinct misses otherwise fetched
@@ -44,7 +47,7 @@ from gevent import monkey
 
 from service.errors import GatewayTimeout, Overloaded
 from service.metrics import RENDERS_IN_FLIGHT, RENDERS_QUEUED, Timings
-from service.offload import Spawn, native_lock
+from service.offload import Spawn, make_doorbell, native_lock
 
 T = TypeVar("T")
 POLL = 0.002  # seconds between the head of the line's attempts at a slot (one flock call per slot)
@@ -126,6 +129,7 @@ class Renderer:
         self.wait = wait
         self.queue = queue
         self._line: deque[object] = deque()  # this instance's waiting requests, in order (only on the event loop)
+        self._bell = make_doorbell()  # rung when one of this instance's renders frees its slot, or the line moves
 
     @property
     def waiting(self) -> int:
@@ -152,6 +156,7 @@ class Renderer:
                 return fn()
             finally:
                 self.budget.release(slot)  # only when the render is over, even if its request gave up
+                self._bell.ring()
 
         RENDERS_IN_FLIGHT.inc()
         try:
@@ -172,13 +177,16 @@ class Renderer:
         self._line.append(ticket)
         RENDERS_QUEUED.inc()
         try:
-            while time.monotonic() < until:
-                time.sleep(POLL)  # a greenlet switch under gevent
-                if self._line[0] is ticket:
+            while (remaining := until - time.monotonic()) > 0:
+                seen = self._bell.ticket()
+                head = self._line[0] is ticket
+                if head:
                     slot = self.budget.try_acquire()
                     if slot is not None:
                         return slot
+                self._bell.wait(seen, min(POLL, remaining) if head else remaining)
         finally:
             self._line.remove(ticket)
+            self._bell.ring()  # the next in line may be the head now
             RENDERS_QUEUED.dec()
         raise Overloaded("busy rendering other images", retry_after=1)
