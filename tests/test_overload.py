@@ -19,6 +19,7 @@ import pytest
 import requests
 import yaml
 
+from service import budget
 from service.app import create_app
 from service.budget import RenderBudget, Renderer
 from service.config import load_config, parse_config
@@ -138,6 +139,41 @@ def test_a_slot_freed_by_a_render_goes_to_the_line_at_once(mode: str) -> None:
     rendered = dict(item.split("=") for item in run.stdout.split())
     assert list(rendered) == ["second", "third"]  # in their order of arrival
     assert max(float(seconds) for seconds in rendered.values()) < 10  # long before any poll
+
+
+HOLDER = """
+import sys, time
+from service import budget
+from service.budget import RenderBudget, Renderer
+from service.offload import make_spawn
+
+renderer = Renderer(RenderBudget(1, sys.argv[1]), make_spawn(1), wait=60.0, queue=4)
+renderer.render(lambda: (print("holding", flush=True), sys.stdin.readline()), time.monotonic() + 60)
+"""
+
+
+def test_a_slot_freed_by_another_instance_goes_to_the_line_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other instance's render rings this instance's bell when it frees the slot: no poll (30 s here) needed."""
+    monkeypatch.setattr(budget, "POLL", 30.0)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        renderer = Renderer(RenderBudget(1, tmp_path), make_spawn(1), wait=60.0, queue=4)
+        rendered = ThreadPoolExecutor(1).submit(renderer.render, time.monotonic, time.monotonic() + 60)
+        deadline = time.monotonic() + 10
+        while renderer.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert renderer.waiting == 1
+        released = time.monotonic()
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert rendered.result(timeout=20) - released < 10  # long before any poll
+    finally:
+        holder.kill()
 
 
 class CountingStore:
