@@ -13,10 +13,15 @@ So every render first takes one of ``render_threads`` slots shared by all instan
 - A miss that finds no free slot waits in its instance's line, first come first served, at most
   ``limits.render_wait`` seconds and never past its deadline; at most ``limits.render_queue`` requests of an
   instance wait at once. Beyond either it gets ``503`` with ``Retry-After`` at once: shed honestly, never queued
-  for minutes. Only the head of the line polls the lock files (every ``POLL`` seconds: a slot freed by another
-  instance cannot wake it, and a short poll keeps a freed slot from idling), and a new arrival never takes a slot
-  before those already waiting: with every waiter polling, the unlucky ones were overtaken again and again and shed
-  after ``render_wait`` while later ones rendered at once (seen in make bench under load: p99 pinned at 2 s).
+  for minutes. Only the head of the line tries the lock files, and a new arrival never takes a slot before those
+  already waiting: with every waiter polling, the unlucky ones were overtaken again and again and shed after
+  ``render_wait`` while later ones rendered at once (seen in make bench under load: p99 pinned at 2 s). A render
+  thread that frees a slot rings its own instance's doorbell (service/offload.py) and sends a datagram to every
+  other instance's bell (``bell-<pid>.sock`` in the folder), whose listener rings that instance's doorbell: the
+  head of each line tries at once, the others in line sleep until the line moves. The head still polls every
+  ``POLL`` seconds for a slot no bell announced (an instance killed mid-render). With a 2 ms poll and no bells, a
+  freed slot idled 1-2 ms before a waiter took it (a page of 40 misses hands slots over about 40 times), and each
+  instance with a waiting request spent 2-2.5% of a core polling.
 - A full line is seen before any origin work: a miss that arrives while ``render_queue`` others of its instance
   wait gets its 503 at once, before its original is fetched, hashed and stored in memcached (it would find the
   line full after its fetch as well, unless a slot freed meanwhile). A burst of distinct misses otherwise fetched
@@ -31,7 +36,9 @@ So every render first takes one of ``render_threads`` slots shared by all instan
 
 from __future__ import annotations
 
+import _socket
 import fcntl
+import logging
 import os
 import tempfile
 import time
@@ -44,10 +51,13 @@ from gevent import monkey
 
 from service.errors import GatewayTimeout, Overloaded
 from service.metrics import RENDERS_IN_FLIGHT, RENDERS_QUEUED, Timings
-from service.offload import Spawn, native_lock
+from service.offload import Spawn, make_doorbell, native_lock
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
-POLL = 0.002  # seconds between the head of the line's attempts at a slot (one flock call per slot)
+# seconds between the head of the line's attempts at a slot (one flock call per slot) when no bell rang: only
+# slots no bell announced (a killed instance's) wait for it
+POLL = 0.05
 
 
 def before_deadline(fn: Callable[[], T], deadline: float) -> T:
@@ -82,7 +92,13 @@ def before_deadline(fn: Callable[[], T], deadline: float) -> T:
 
 
 class RenderBudget:
-    """``slots`` lock files in ``folder``, shared by every process that opens the same folder."""
+    """``slots`` lock files in ``folder``, shared by every process that opens the same folder.
+
+    A process that frees a slot also tells the others that listen (``listen``): one datagram to each ``bell-*.sock``
+    in the folder, so another instance's waiting request takes the slot at once. Best effort: a bell that cannot be
+    reached (its process is gone, its queue is full) is skipped, and waiters still poll for what no bell announced
+    (a killed process's slots, freed by the kernel).
+    """
 
     def __init__(self, slots: int, folder: str | os.PathLike[str] | None = None) -> None:
         # Without a shared folder the slots are this process's own, in a folder removed with the budget.
@@ -90,12 +106,15 @@ class RenderBudget:
         if not folder:
             self._private = tempfile.TemporaryDirectory(prefix="phizer-slots-")
             folder = self._private.name
-        path = Path(folder)
-        path.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.slots = slots
-        self._fds = [os.open(path / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o660) for i in range(slots)]
+        self._fds = [os.open(self.folder / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o660) for i in range(slots)]
         self._held: set[int] = set()
         self._lock = native_lock()  # release() runs on render threads, try_acquire() on the event loop
+        # _socket, not socket: gevent's patched sockets belong to the event loop, and release() runs on render threads
+        self._sender = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        self._bell: Path | None = None
 
     def try_acquire(self) -> int | None:
         """A free slot of the host, taken; None when all are busy."""
@@ -115,6 +134,41 @@ class RenderBudget:
         with self._lock:
             fcntl.flock(self._fds[slot], fcntl.LOCK_UN)
             self._held.discard(slot)
+        for bell in self.folder.glob("bell-*.sock"):
+            if bell == self._bell:
+                continue
+            try:
+                self._sender.sendto(b"\0", _socket.MSG_DONTWAIT, str(bell))
+            except ConnectionRefusedError:  # left behind by a process that is gone
+                bell.unlink(missing_ok=True)
+            except OSError:  # gone meanwhile, or its queue is full: it has been told already
+                pass
+
+    def listen(self, ring: Callable[[], None]) -> None:
+        """Call ``ring()`` (on a native thread of its own) whenever another process frees a slot of the folder.
+
+        Nothing to listen to (no bell) when the socket cannot be made, e.g. a folder path too long for a unix
+        socket: waiters then find other processes' slots by polling alone, as before bells.
+        """
+        if self._private is not None:
+            return  # no other process can free these slots
+        bell = self.folder / f"bell-{os.getpid()}.sock"
+        listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        try:
+            bell.unlink(missing_ok=True)  # a previous process with this pid
+            listener.bind(str(bell))
+        except OSError as exc:
+            listener.close()
+            log.warning("render budget: no bell at %s (%s): other instances' freed slots are found by polls", bell, exc)
+            return
+        self._bell = bell
+
+        def receive() -> None:
+            while True:
+                listener.recv(64)
+                ring()
+
+        monkey.get_original("_thread", "start_new_thread")(receive, ())
 
 
 class Renderer:
@@ -126,6 +180,8 @@ class Renderer:
         self.wait = wait
         self.queue = queue
         self._line: deque[object] = deque()  # this instance's waiting requests, in order (only on the event loop)
+        self._bell = make_doorbell()  # rung when a render (of any instance) frees its slot, or the line moves
+        budget.listen(self._bell.ring)
 
     @property
     def waiting(self) -> int:
@@ -152,6 +208,7 @@ class Renderer:
                 return fn()
             finally:
                 self.budget.release(slot)  # only when the render is over, even if its request gave up
+                self._bell.ring()
 
         RENDERS_IN_FLIGHT.inc()
         try:
@@ -172,13 +229,16 @@ class Renderer:
         self._line.append(ticket)
         RENDERS_QUEUED.inc()
         try:
-            while time.monotonic() < until:
-                time.sleep(POLL)  # a greenlet switch under gevent
-                if self._line[0] is ticket:
+            while (remaining := until - time.monotonic()) > 0:
+                seen = self._bell.ticket()
+                head = self._line[0] is ticket
+                if head:
                     slot = self.budget.try_acquire()
                     if slot is not None:
                         return slot
+                self._bell.wait(seen, min(POLL, remaining) if head else remaining)
         finally:
             self._line.remove(ticket)
+            self._bell.ring()  # the next in line may be the head now
             RENDERS_QUEUED.dec()
         raise Overloaded("busy rendering other images", retry_after=1)

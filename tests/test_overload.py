@@ -19,6 +19,7 @@ import pytest
 import requests
 import yaml
 
+from service import budget
 from service.app import create_app
 from service.budget import RenderBudget, Renderer
 from service.config import load_config, parse_config
@@ -84,6 +85,95 @@ def test_waiting_requests_get_slots_first_come_first_served(tmp_path: Path) -> N
     for thread in [*threads, late]:
         thread.join(timeout=10)
     assert order == ["a", "b", "c", "newcomer"]
+
+
+# One instance's line with the host's only slot busy: when the render holding it ends, the two waiting requests must
+# get it at once, one after the other, with POLL so long that only the doorbell can have woken them (the head at
+# the render's end, the next one when the head leaves the line). Run with threads, and under gevent's patching.
+DOORBELL_SCENARIO = """
+import sys, tempfile, threading, time
+if sys.argv[1] == "gevent":
+    from gevent import monkey
+    monkey.patch_all()
+import gevent
+from service import budget
+from service.offload import make_spawn, native_lock
+
+budget.POLL = 30.0
+renderer = budget.Renderer(budget.RenderBudget(1, tempfile.mkdtemp()), make_spawn(2), wait=60.0, queue=4)
+started, gate, rendered = native_lock(), native_lock(), []
+started.acquire()
+gate.acquire()
+
+def request(name, fn):
+    renderer.render(fn, time.monotonic() + 60)
+
+def spawn(name, fn=None):
+    fn = fn or (lambda: rendered.append((name, time.monotonic())))  # one slot: renders run in the order they got it
+    if sys.argv[1] == "gevent":
+        gevent.spawn(request, name, fn)
+    else:
+        threading.Thread(target=request, args=(name, fn)).start()
+
+spawn("first", lambda: (started.release(), gate.acquire(timeout=20)))
+while not started.acquire(False):
+    time.sleep(0.01)
+for name, waiting in (("second", 1), ("third", 2)):
+    spawn(name)
+    while renderer.waiting < waiting:
+        time.sleep(0.01)
+released = time.monotonic()
+gate.release()
+while len(rendered) < 2 and time.monotonic() < released + 20:
+    time.sleep(0.01)
+print(" ".join(f"{name}={at - released:.3f}" for name, at in rendered))
+"""
+
+
+@pytest.mark.parametrize("mode", ["threads", "gevent"])
+def test_a_slot_freed_by_a_render_goes_to_the_line_at_once(mode: str) -> None:
+    """The doorbell: this instance's waiters do not wait for their next poll (30 s here) to take a freed slot."""
+    run = subprocess.run([sys.executable, "-c", DOORBELL_SCENARIO, mode], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    rendered = dict(item.split("=") for item in run.stdout.split())
+    assert list(rendered) == ["second", "third"]  # in their order of arrival
+    assert max(float(seconds) for seconds in rendered.values()) < 10  # long before any poll
+
+
+HOLDER = """
+import sys, time
+from service import budget
+from service.budget import RenderBudget, Renderer
+from service.offload import make_spawn
+
+renderer = Renderer(RenderBudget(1, sys.argv[1]), make_spawn(1), wait=60.0, queue=4)
+renderer.render(lambda: (print("holding", flush=True), sys.stdin.readline()), time.monotonic() + 60)
+"""
+
+
+def test_a_slot_freed_by_another_instance_goes_to_the_line_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other instance's render rings this instance's bell when it frees the slot: no poll (30 s here) needed."""
+    monkeypatch.setattr(budget, "POLL", 30.0)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        renderer = Renderer(RenderBudget(1, tmp_path), make_spawn(1), wait=60.0, queue=4)
+        rendered = ThreadPoolExecutor(1).submit(renderer.render, time.monotonic, time.monotonic() + 60)
+        deadline = time.monotonic() + 10
+        while renderer.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert renderer.waiting == 1
+        released = time.monotonic()
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert rendered.result(timeout=20) - released < 10  # long before any poll
+    finally:
+        holder.kill()
 
 
 class CountingStore:
