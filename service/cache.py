@@ -32,7 +32,9 @@ from service.origins import DIGEST_CHARS, Focus, Original, content_digest, focus
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "phz3:"  # bump when the stored layout changes (3: the focal point; a phz2 head without one is not "none")
+# bump when the stored layout changes (3: the focal point, a phz2 head without one is not "none"; 4: BLAKE3 digests,
+# a phz3 head's SHA-256 digest would never match its chunks again)
+KEY_PREFIX = "phz4:"
 NAMESPACE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 # digest:size:count[:focus][:f], as ``set`` writes it (":f": a fallback origin served it); 15 digits bound the numbers
 # before int() sees them.
