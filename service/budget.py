@@ -14,7 +14,10 @@ So every render first takes one of ``render_threads`` slots shared by all instan
   ``limits.render_wait`` seconds and never past its deadline; at most ``limits.render_queue`` requests of an
   instance wait at once. Beyond either it gets ``503`` with ``Retry-After`` at once: shed honestly, never queued
   for minutes. Only the head of the line polls the lock files (every ``POLL`` seconds: a slot freed by another
-  instance cannot wake it, and a short poll keeps a freed slot from idling), and a new arrival never takes a slot
+  instance cannot wake it, and a short poll keeps a freed slot from idling); a slot freed by one of the instance's
+  own renders wakes it at once (under a burst a slot changes hands once per render, and each handover idled it half
+  a poll on average), the others sleep until they are the head (each of them waking every poll kept the event loop
+  busy with a burst's whole line), and a new arrival never takes a slot
   before those already waiting: with every waiter polling, the unlucky ones were overtaken again and again and shed
   after ``render_wait`` while later ones rendered at once (seen in make bench under load: p99 pinned at 2 s).
 - A full line is seen before any origin work: a miss that arrives while ``render_queue`` others of its instance
@@ -34,6 +37,7 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -125,7 +129,12 @@ class Renderer:
         self.spawn = spawn
         self.wait = wait
         self.queue = queue
-        self._line: deque[object] = deque()  # this instance's waiting requests, in order (only on the event loop)
+        # This instance's waiting requests, in order (only on the event loop): each one's event is set when it becomes
+        # the head of the line.
+        self._line: deque[threading.Event] = deque()
+        # Set when one of this instance's renders gave its slot back (on the event loop too: under gevent, a
+        # cooperative Event; the render thread itself never touches it).
+        self._freed = threading.Event()
 
     @property
     def waiting(self) -> int:
@@ -160,6 +169,9 @@ class Renderer:
             raise GatewayTimeout("render did not finish before the request's deadline") from exc
         finally:
             RENDERS_IN_FLIGHT.dec()
+            # The slot is back (run's finally; after a 504 it is not yet, and the head's attempt just fails): the head
+            # of the line takes it now, not at its next poll.
+            self._freed.set()
 
     def _acquire(self, deadline: float) -> int:
         slot = None if self._line else self.budget.try_acquire()  # never ahead of those already waiting
@@ -168,17 +180,23 @@ class Renderer:
         if self.waiting >= self.queue:
             raise Overloaded("too many images waiting to be rendered", retry_after=1)
         until = min(deadline, time.monotonic() + self.wait)
-        ticket = object()
+        ticket = threading.Event()  # set when this request becomes the head of the line
         self._line.append(ticket)
         RENDERS_QUEUED.inc()
         try:
-            while time.monotonic() < until:
-                time.sleep(POLL)  # a greenlet switch under gevent
-                if self._line[0] is ticket:
-                    slot = self.budget.try_acquire()
-                    if slot is not None:
-                        return slot
+            while (remaining := until - time.monotonic()) > 0:
+                if self._line[0] is not ticket:
+                    ticket.wait(remaining)  # no polling behind the head (a greenlet switch under gevent)
+                    continue
+                slot = self.budget.try_acquire()
+                if slot is not None:
+                    return slot
+                if self._freed.wait(min(POLL, remaining)):
+                    self._freed.clear()
         finally:
+            head = self._line[0] is ticket
             self._line.remove(ticket)
+            if head and self._line:
+                self._line[0].set()  # the next in line is the head now
             RENDERS_QUEUED.dec()
         raise Overloaded("busy rendering other images", retry_after=1)
