@@ -210,8 +210,9 @@ class MemcachedOriginals:
         expire = self.fallback_expire if original.fallback else self.options.expire
         head_key = cache_key(self.namespace, key)
         step = self.options.chunk_bytes
-        data = memoryview(original.data)
-        parts = [bytes(data[offset : offset + step]) for offset in range(0, len(data), step)]
+        data = original.data
+        # Slices of bytes: an original that fits one chunk is stored as is (the whole slice is the object itself).
+        parts = [data[offset : offset + step] for offset in range(0, len(data), step)]
         items = dict(zip(chunk_keys(head_key, original.digest, len(parts)), parts, strict=True))
         focus = f":{focus_text(original.focus)}" if original.focus is not None else ""
         fallback = ":f" if original.fallback else ""
