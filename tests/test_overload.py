@@ -19,6 +19,7 @@ import pytest
 import requests
 import yaml
 
+from service import budget as budget_module
 from service.app import create_app
 from service.budget import RenderBudget, Renderer
 from service.config import load_config, parse_config
@@ -84,6 +85,30 @@ def test_waiting_requests_get_slots_first_come_first_served(tmp_path: Path) -> N
     for thread in [*threads, late]:
         thread.join(timeout=10)
     assert order == ["a", "b", "c", "newcomer"]
+
+
+def test_a_slot_freed_by_an_own_render_is_taken_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head of the line is woken by the end of one of its instance's renders, not at its next poll (only a slot
+    freed by another instance needs the poll): with a poll of a minute, the waiter still renders at once."""
+    monkeypatch.setattr(budget_module, "POLL", 60.0)
+    renderer = Renderer(RenderBudget(1, tmp_path), make_spawn(2), wait=120.0, queue=8)
+    started, release = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return release.wait(30)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(renderer.render, hold, time.monotonic() + 120)
+        assert started.wait(10)  # the first render holds the only slot
+        second = pool.submit(renderer.render, lambda: "second", time.monotonic() + 120)
+        deadline = time.monotonic() + 10
+        while renderer.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert renderer.waiting == 1
+        release.set()
+        assert first.result(timeout=10) is True
+        assert second.result(timeout=10) == "second"  # long before the minute's poll
 
 
 class CountingStore:
