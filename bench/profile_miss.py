@@ -1,7 +1,8 @@
 """Profile misses end to end: py-spy samples the one gunicorn worker of a real stack under a B5-like load.
 
-``python -m bench.profile_miss [--seconds 30]``: one instance (every miss lands on the sampled worker), the file
-origin over the bench's pool, sequential misses on one connection (each a new original: B5's two cases in turn).
+``python -m bench.profile_miss [--seconds 30] [--memcached]``: one instance (every miss lands on the sampled worker),
+the file origin over the bench's pool (memcached off, as in B5; ``--memcached`` stores each original there, as an
+S3 origin does), sequential misses on one connection (each a new original: B5's two cases in turn).
 Prints the top frames by own time (the leaf of each sample) and by cumulative time (anywhere on the stack); the raw
 collapsed stacks go to state/bench/profile/. The service is not changed for this.
 """
@@ -73,11 +74,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--memcached", action="store_true", help="keep originals in memcached (B4's S3 origin does)")
     args = parser.parse_args()
     out = STATE / "profile"
     out.mkdir(parents=True, exist_ok=True)
     originals = Originals(STATE / "originals", 4)
-    env = {"PHIZER_ORIGINS": f"file://{originals.root}"}
+    env = {"PHIZER_ORIGINS": f"file://{originals.root}?memcached={'on' if args.memcached else 'off'}"}
     with Stack(STATE / "profile-stack", port=free_port(), instances=1, env=env) as stack:
         master = stack.instances[0].pid
         worker = children_by_parent()[master][0]

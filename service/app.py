@@ -6,12 +6,14 @@ so tests assemble it with real or fake parts and gunicorn gets the real ones fro
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import falcon
@@ -47,6 +49,7 @@ CACHED_BRIEFLY = (*ORIGINAL_VERDICTS, 403)
 # An incoming X-Request-ID is kept when it looks like one (nginx sets a valid one); anything else is replaced.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics")  # polled by machines: no access log line
+AFTER_RESPONSE = "phizer.after_response"  # environ key: what runs once the response is sent (_AfterResponse)
 
 
 class ImageResource:
@@ -159,7 +162,7 @@ def create_app(
     pipeline: Pipeline | None = None,
     renderer: Renderer | None = None,
     instance: str = "",
-) -> falcon.App:
+) -> _AfterResponse:
     """Assemble the app; collaborators default to the real ones built from ``config``.
 
     ``renderer`` runs each render (CPU-bound) within the host's render budget (service/budget.py): by default
@@ -257,7 +260,7 @@ def create_app(
     app.add_error_handler(Exception, on_unexpected)
     app.add_error_handler(falcon.HTTPError, on_falcon_error)
     app.add_error_handler(PhizerError, on_phizer_error)
-    return app
+    return _AfterResponse(app)
 
 
 class _Observe:
@@ -282,7 +285,12 @@ class _Observe:
         resp.set_header("Server-Timing", timings.server_timing())
         if req.path in QUIET_PATHS:
             return
-        status = resp.status_code
+        body = resp.data if resp.data is not None else (resp.text or "").encode()  # an image, or an error's line
+        req.env[AFTER_RESPONSE] = functools.partial(self._account, req, resp.status_code, len(body))
+
+    def _account(self, req: falcon.Request, status: int, size: int) -> None:
+        """Metrics and the log line, once the response is out (``_AfterResponse``)."""
+        timings: Timings = req.context.timings
         fields = req.context.fields
         if "preset" in fields:
             REQUESTS.labels(fields["preset"], fields.get("format", ""), str(status)).inc()
@@ -294,12 +302,44 @@ class _Observe:
         elif status == 504:
             DEADLINES.inc()
         line = {"request_id": req.context.request_id, "method": req.method, "path": req.path, **fields}
-        body = resp.data if resp.data is not None else (resp.text or "").encode()  # an image, or an error's line
-        line.update(status=status, bytes=len(body), original=timings.source or None)
+        line.update(status=status, bytes=size, original=timings.source or None)
         line.update(decoder=timings.decoder or None)
         line.update(stages_ms={name: round(s * 1000, 1) for name, s in dict(timings.stages).items()})
         line.update(instance=self.instance or None)
         access_log.info("", extra={"fields": line})
+
+
+class _AfterResponse:
+    """The WSGI app: Falcon's, with what a request left under ``AFTER_RESPONSE`` in its environ (its metrics and log
+    line) run once its response is sent. PEP 3333 servers call the body's ``close()`` after its last byte (gunicorn
+    does, so do Falcon's test clients): nginx gets the answer about 0.3 ms sooner per miss (measured, B5)."""
+
+    def __init__(self, app: falcon.App) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> _Closing:
+        return _Closing(self.app(environ, start_response), environ)
+
+
+class _Closing:
+    """A WSGI body whose ``close()`` also runs the request's ``AFTER_RESPONSE``."""
+
+    def __init__(self, body: Iterable[bytes], environ: dict[str, Any]) -> None:
+        self.body = body
+        self.environ = environ
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            after = self.environ.pop(AFTER_RESPONSE, None)
+            if after is not None:
+                after()
 
 
 class _Get:

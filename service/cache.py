@@ -32,7 +32,9 @@ from service.origins import DIGEST_CHARS, Focus, Original, content_digest, focus
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "phz3:"  # bump when the stored layout changes (3: the focal point; a phz2 head without one is not "none")
+# bump when the stored layout changes (3: the focal point, a phz2 head without one is not "none"; 4: BLAKE3 digests,
+# a phz3 head's SHA-256 digest would never match its chunks again)
+KEY_PREFIX = "phz4:"
 NAMESPACE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 # digest:size:count[:focus][:f], as ``set`` writes it (":f": a fallback origin served it); 15 digits bound the numbers
 # before int() sees them.
@@ -208,8 +210,9 @@ class MemcachedOriginals:
         expire = self.fallback_expire if original.fallback else self.options.expire
         head_key = cache_key(self.namespace, key)
         step = self.options.chunk_bytes
-        data = memoryview(original.data)
-        parts = [bytes(data[offset : offset + step]) for offset in range(0, len(data), step)]
+        data = original.data
+        # Slices of bytes: an original that fits one chunk is stored as is (the whole slice is the object itself).
+        parts = [data[offset : offset + step] for offset in range(0, len(data), step)]
         items = dict(zip(chunk_keys(head_key, original.digest, len(parts)), parts, strict=True))
         focus = f":{focus_text(original.focus)}" if original.focus is not None else ""
         fallback = ":f" if original.fallback else ""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import blake3
 import urllib3
 
 from service.config import Config, ConfigError, Limits
@@ -42,7 +42,7 @@ ERROR_BODY_BYTES = 64 * 1024  # error and redirect bodies up to this size are re
 MAX_REDIRECTS = 3  # hops followed with ?redirects=same-host
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_PORTS = {"http": 80, "https": 443}
-DIGEST_CHARS = 32  # hex characters of SHA-256 kept: 128 bits
+DIGEST_CHARS = 32  # hex characters of the BLAKE3 digest kept: 128 bits
 # The origin's focal point, x,y as fractions of the upright image ("0.3,0.7"): S3 user metadata ``focus`` (sent as
 # the header x-amz-meta-focus, which HTTP origins may send too). Plain decimals only: Fraction or float parsing of
 # "1e-999999999" or "nan" has no business here.
@@ -54,9 +54,11 @@ _FOCUS_RE = re.compile(r"\s*([01]?(?:\.[0-9]{1,12})?)\s*,\s*([01]?(?:\.[0-9]{1,1
 def content_digest(data: bytes) -> str:
     """An original's identity, for ETags and caches; the one place it is computed, so every check agrees.
 
-    SHA-256: OpenSSL's SHA extensions hash a 4 MB photo in 3 ms, blake2b takes 7.
+    BLAKE3: every miss hashes its original before it is rendered (the kept intermediates are found by digest),
+    on the request's path. Measured on a 4.4 MB photo: 0.6 ms, where SHA-256 with the CPU's SHA extensions took 2.3
+    (3.5 in a worker) and blake2b 4.3; 0.09 ms against 0.36 on a 0.7 MB one.
     """
-    return hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
+    return blake3.blake3(data).hexdigest(length=DIGEST_CHARS // 2)
 
 
 Focus = tuple[float, float]

@@ -175,3 +175,20 @@ def test_the_network_clients_are_built_with_the_app_not_by_the_first_miss(monkey
     config = load_config(environ={"PHIZER_ORIGINS": "s3://bucket", "PHIZER_MEMCACHED": "127.0.0.1:11211"})
     create_app(config)
     assert sorted(built) == ["memcached", "s3"]
+
+
+def test_the_log_line_and_metrics_come_after_the_response(corpus: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The access log line (and the metrics with it) is written when the server closes the body, after its last
+    byte: not while nginx waits for the answer (PEP 3333's close(), which gunicorn calls)."""
+    store = FakeStore({"storm.jpg": (corpus / "16_storm_720_30k.jpg").read_bytes()})
+    app = create_app(load_config(environ={}), store=store)
+    started: list[str] = []
+    environ = falcon.testing.create_environ("/thumb/storm.jpg", headers={"Accept": "image/jpeg"})
+    with caplog.at_level("INFO", logger="phizer.access"):
+        body = app(environ, lambda status, headers, exc_info=None: started.append(status))
+        sent = b"".join(body)
+        assert started == ["200 OK"] and sent[:2] == b"\xff\xd8"
+        assert not [r for r in caplog.records if r.name == "phizer.access"]  # sent, not yet logged
+        body.close()
+    (line,) = [r.fields for r in caplog.records if r.name == "phizer.access"]
+    assert (line["status"], line["bytes"], line["path"]) == (200, len(sent), "/thumb/storm.jpg")
