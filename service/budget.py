@@ -37,6 +37,7 @@ So every render first takes one of ``render_threads`` slots shared by all instan
 from __future__ import annotations
 
 import _socket
+import atexit
 import fcntl
 import logging
 import os
@@ -162,6 +163,7 @@ class RenderBudget:
             log.warning("render budget: no bell at %s (%s): other instances' freed slots are found by polls", bell, exc)
             return
         self._bell = bell
+        atexit.register(bell.unlink, missing_ok=True)  # a stopped instance leaves no socket behind
 
         def receive() -> None:
             while True:
