@@ -321,7 +321,7 @@ B5_CASES = (("05_storm_2_5mp_baseline.jpg", "small"), ("01_kleiber_20mp_baseline
 
 
 def b5_overhead(bench: Bench, requests: int = 30) -> dict[str, Any]:
-    """Sequential misses through nginx + instance + memcached vs the same render called in-process.
+    """Sequential misses through nginx and an instance (memcached off) vs the same render called in-process.
 
     Each stack request is followed by the in-process render of the same bytes, so load that comes and goes
     on the machine hits both halves of a pair alike. The original is read (untimed) before the stack's request:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import math
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from PIL import Image, ImageChops, ImageCms, ImageStat
 
 from service.config import load_config
+from service.origins import content_digest
 from service.pipeline import SRGB, Pipeline, Rendition
 from service.presets import Preset
 
@@ -52,7 +52,7 @@ def corpus_files(corpus: Path) -> list[CorpusFile]:
 def render(pipeline: Pipeline, data: bytes, preset: Preset, **options: Any) -> Rendition:
     """``pipeline.render`` with the original's real content hash, as the app passes it (intermediates are kept
     per digest, so a made-up digest shared by different images would be a test bug)."""
-    return pipeline.render(data, hashlib.sha256(data).hexdigest(), preset, **options)
+    return pipeline.render(data, content_digest(data), preset, **options)
 
 
 def decode(body: bytes) -> Image.Image:

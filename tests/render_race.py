@@ -15,7 +15,6 @@ if "--gevent" in sys.argv:
     monkey.patch_all()
 
 import functools
-import hashlib
 import io
 import json
 
@@ -24,6 +23,7 @@ from PIL import Image
 from service.config import load_config
 from service.formats import ORIENTATION_TAG
 from service.offload import make_spawn
+from service.origins import content_digest
 from service.pipeline import Pipeline
 from tests.support import CORPUS
 
@@ -71,7 +71,7 @@ def main() -> None:
 
     def render(pipeline: Pipeline, job: tuple) -> bytes:
         _, data, preset, negotiated, forced = job
-        digest = hashlib.sha256(data).hexdigest()
+        digest = content_digest(data)  # as the app computes it
         try:
             return pipeline.render(data, digest, preset, negotiated=negotiated, forced_format=forced).body
         except Exception as exc:  # settings mixed up by a shared image can also make the encoder fail
