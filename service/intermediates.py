@@ -14,7 +14,7 @@ bounds is the memory it pins.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from PIL import Image
 
@@ -56,9 +56,14 @@ class Intermediate:
         width, height = self._image.size
         return self.scale == 1 or (width >= decode_size[0] * DRAFT_GAP and height >= decode_size[1] * DRAFT_GAP)
 
-    def reduce(self, factor: int) -> Image.Image:
-        """The pixels shrunk by an integer ``factor`` (box filter): a new image."""
-        return self._image.reduce(factor)
+    def shrunk(self, decode_size: tuple[int, int]) -> Intermediate:
+        """A new intermediate reduced by the largest integer factor (box filter) after which it still serves
+        ``decode_size``; this one when that factor is 1."""
+        width, height = self._image.size
+        factor = int(min(width / max(decode_size[0] * DRAFT_GAP, 1), height / max(decode_size[1] * DRAFT_GAP, 1)))
+        if factor < 2:
+            return self
+        return Intermediate(self._image.reduce(factor), self.scale * factor)
 
     def region(self, size: tuple[int, int], box: tuple[float, float, float, float]) -> Image.Image:
         """``box`` (in the original's coordinates) scaled to ``size``: reduce() then LANCZOS, in one pass.
@@ -125,6 +130,7 @@ class IntermediateCache:
         self._entries: OrderedDict[str, Intermediate] = OrderedDict()
         self._served: dict[str, set[str]] = {}  # per kept original: the configured presets rendered from it
         self._decoding: dict[str, list[Decode]] = {}
+        self._shrinking: set[str] = set()  # kept originals being reduced by a render thread (outside the lock)
         self._lock = native_lock()
 
     def lookup(
@@ -166,6 +172,31 @@ class IntermediateCache:
                 self._put(claim.digest, entry)
                 self._used(claim.digest, claim.preset)
         claim.finish()
+
+    def shrink(self, digest: str, needs: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        """After a render from the kept ``digest``: reduce it to what the configured presets it has not served yet
+        need (``needs()``: each configured preset's decode size for this original), when that halves its sides or more.
+
+        The reduction runs on the calling render thread, outside the lock; renders holding the bigger intermediate
+        keep using it (entries are read-only), and it is freed when the last of them is done.
+        """
+        with self._lock:
+            entry = self._entries.get(digest)
+            served = frozenset(self._served.get(digest, ()))
+            if entry is None or digest in self._shrinking or not self.presets or self.presets <= served:
+                return  # not kept, being reduced already, or done with every preset (evicted first anyway)
+            self._shrinking.add(digest)
+        smaller = entry
+        try:
+            unserved = [size for name, size in needs().items() if name not in served]
+            if unserved:
+                smaller = entry.shrunk((max(w for w, _ in unserved), max(h for _, h in unserved)))
+        finally:
+            with self._lock:
+                self._shrinking.discard(digest)
+                if smaller is not entry and self._entries.get(digest) is entry:
+                    self._entries[digest] = smaller  # same place in the LRU
+                    self.nbytes += smaller.nbytes - entry.nbytes
 
     def _used(self, digest: str, preset: str) -> None:
         """Note that ``preset`` was rendered from the kept ``digest``: most recently used, unless it has now served

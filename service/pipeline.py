@@ -37,7 +37,8 @@ so a reader sees what happens to every pixel and in which order, and the output 
   more, that second decode is made for the largest configured preset (``Pipeline.widest``): an original asked at
   several sizes is decoded at most twice, whatever the order of its presets. Presets arriving together (a page
   asks for an image's sizes at once) wait for a decode of the same original already under way when it is big
-  enough for them, and the first one that needs more decodes for the largest preset at once.
+  enough for them, and the first one that needs more decodes for the largest preset at once. After each render
+  the kept decode shrinks (box reduce) to what the presets it has not served yet need (``IntermediateCache.shrink``).
 
 Concurrency: renders run on several native threads at once. Everything a render changes is its own (the opened
 file, every image from ``crop_resize`` on, the context); what is shared is read-only (kept intermediates, cached
@@ -318,11 +319,7 @@ def decode_rewritten(data: bytes | None, want: tuple[int, int]) -> Image.Image |
 def reduced(intermediate: Intermediate, target: tuple[int, int]) -> Intermediate:
     """An intermediate to keep: without draft (PNG, WebP, GIF), reduced by an integer factor to about
     ``DRAFT_GAP`` times ``target``, like a drafted JPEG (less memory kept, less work for each preset)."""
-    width, height = intermediate.size
-    factor = int(min(width / (target[0] * DRAFT_GAP), height / (target[1] * DRAFT_GAP)))
-    if intermediate.scale != 1 or factor < 2:
-        return intermediate
-    return Intermediate(intermediate.reduce(factor), float(factor))
+    return intermediate if intermediate.scale != 1 else intermediate.shrunk(target)
 
 
 def normalise_mode(im: Image.Image) -> Image.Image:
@@ -556,7 +553,10 @@ class Pipeline:
         intermediate = self.intermediate(ctx, digest)
         with ctx.timings.stage("resize"):
             smart_crop(ctx, intermediate)
-            im = to_srgb(orient(crop_resize(intermediate, ctx.layout), ctx.orientation), ctx.icc)
+            im = crop_resize(intermediate, ctx.layout)
+            if digest is not None:  # this render is done with the kept intermediate: only its other presets need it
+                self.intermediates.shrink(digest, lambda: self.needs(ctx))
+            im = to_srgb(orient(im, ctx.orientation), ctx.icc)
             return pad(im, ctx.layout, ctx.background, has_transparency(im)) if ctx.preset.fit == "pad" else im
 
     def intermediate(self, ctx: RenderContext, digest: str | None) -> Intermediate:
@@ -590,9 +590,15 @@ class Pipeline:
         all of them. An original is then decoded at most twice, however its presets are ordered, instead of once
         per bigger preset; a site that only ever asks one preset never pays for more than it needs.
         """
-        sizes = [layout(ctx.source.size, ctx.orientation, preset, ctx.focus).decode_size for preset in self.presets]
-        sizes.append(ctx.layout.decode_size)
+        sizes = [*self.needs(ctx).values(), ctx.layout.decode_size]
         return max(width for width, _ in sizes), max(height for _, height in sizes)
+
+    def needs(self, ctx: RenderContext) -> dict[str, tuple[int, int]]:
+        """Each configured preset's decode size for this original."""
+        return {
+            preset.name: layout(ctx.source.size, ctx.orientation, preset, ctx.focus).decode_size
+            for preset in self.presets
+        }
 
     def animation(self, ctx: RenderContext) -> Rendition:
         """Resize every frame (GIF/WebP give each frame fully composited), keeping durations and loop count."""

@@ -68,6 +68,13 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
     return 99.0 if mse == 0 else 10 * math.log10(255 * 255 / mse)
 
 
+def visible(im: Image.Image) -> Image.Image:
+    """What a viewer sees of ``im``: with alpha, its colours premultiplied by it, so PSNR does not count the
+    colour of transparent pixels (any resampling with alpha, Pillow's premultiplying resize and reduce
+    included, changes it without a visible difference)."""
+    return im.convert({"RGBA": "RGBa", "LA": "La"}[im.mode]) if im.mode in ("RGBA", "LA") else im
+
+
 _TO_LAB = ImageCms.buildTransform(SRGB, ImageCms.createProfile("LAB"), "RGB", "LAB")
 
 

@@ -6,7 +6,7 @@ Bounds (figures from this machine in parentheses; the test prints the measured o
 - colour: mean CIE76 ΔE < 2.0 against littleCMS on the full-res image then resized (Adobe RGB ~0.9,
   CMYK ~0.5); dropping the profile instead must exceed it (Adobe RGB ~5, CMYK ~13).
 - quality: PSNR >= 35 dB for every still corpus image at every default preset, decoded fresh (worst about
-  46 dB) or rendered from a kept intermediate (worst about 50 dB).
+  46 dB) or rendered from a kept intermediate (worst about 50 dB), shrunk after each preset or not.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from PIL import ExifTags, Image, ImageCms, ImageOps
 
 from service.pipeline import SRGB, Pipeline, normalise_mode, open_image, orient, to_srgb
 from service.presets import Preset
-from tests.imaging import DEFAULT_CONFIG, decode, mean_delta_e, psnr, render
+from tests.imaging import DEFAULT_CONFIG, decode, mean_delta_e, psnr, render, visible
 
 PIPELINE = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
 DELTA_E_BOUND = 2.0
@@ -122,31 +122,38 @@ def test_16_bit_grayscale_keeps_its_full_range(tmp_path: Path) -> None:
     assert len(set(out.getchannel(0).tobytes())) > 200  # no banding: (nearly) every level of the ramp survives
 
 
-@pytest.mark.parametrize("kept", [False, True], ids=["fresh-decode", "from-intermediate"])
-def test_fast_path_quality_against_full_decode(corpus: Path, kept: bool) -> None:
+@pytest.mark.parametrize("source", ["fresh", "kept", "shrunk"])
+def test_fast_path_quality_against_full_decode(corpus: Path, source: str) -> None:
     """draft + reduce + LANCZOS vs full decode + plain LANCZOS, every still corpus image x every default preset.
 
-    ``from-intermediate``: the way nginx's pinning makes it happen, the first preset decodes once for the largest
-    preset and keeps the intermediate, and every other preset renders from it.
+    ``kept``: the way nginx's pinning makes it happen, the first preset decodes once for the largest preset and
+    keeps the intermediate, and every other preset renders from it. ``shrunk``: the same with the presets known to
+    the cache, which reduces the kept intermediate after each preset to what the presets still to come need
+    (intermediates.py: ``IntermediateCache.shrink``), so the smaller presets render from a box-reduced decode.
     """
     presets = list(DEFAULT_CONFIG.presets.values())
     results = []
+    shrunk = 0
     for path in sorted(p for p in corpus.glob("[0-9]*") if p.suffix != ".gif"):
         data = path.read_bytes()
         full = open_image(data, DEFAULT_CONFIG.limits)
         full.load()
         full = normalise_mode(full)
-        pipeline = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
+        pipeline = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits, presets if source == "shrunk" else ())
+        kept_bytes = []
         # Kept: the largest preset first, so the three others all render from its intermediate.
-        for preset in sorted(presets, key=lambda p: -(p.width or 0)) if kept else presets:
+        for preset in sorted(presets, key=lambda p: -(p.width or 0)) if source != "fresh" else presets:
             plan = pipeline.plan(data, preset)
-            fast = pipeline.still(plan, path.name if kept else None)
+            fast = pipeline.still(plan, path.name if source != "fresh" else None)
+            kept_bytes.append(pipeline.intermediates.nbytes)
             slow = full.resize(plan.layout.raw_size, Image.Resampling.LANCZOS, box=plan.layout.box)
             slow = to_srgb(orient(slow, plan.orientation), plan.icc)
-            results.append((psnr(fast, slow), path.name, preset.name))
-        if kept:
+            results.append((psnr(visible(fast), visible(slow)), path.name, preset.name))
+        if source != "fresh":
             assert (pipeline.intermediates.misses, pipeline.intermediates.hits) == (1, len(presets) - 1)
+        shrunk += kept_bytes[-1] < kept_bytes[0]
     assert len(results) == 15 * len(presets)
+    assert shrunk >= (10 if source == "shrunk" else 0) and (source == "shrunk" or shrunk == 0), shrunk
     worst = min(results)
-    print(f"fast path, {'kept' if kept else 'fresh'}: worst PSNR {worst[0]:.2f} dB ({worst[1]} at {worst[2]})")
+    print(f"fast path, {source}: worst PSNR {worst[0]:.2f} dB ({worst[1]} at {worst[2]}); {shrunk} shrunk")
     assert worst[0] >= PSNR_BOUND, worst

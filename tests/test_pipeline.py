@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import io
+import itertools
 import shutil
 import struct
 import subprocess
@@ -377,6 +378,42 @@ def test_an_intermediate_that_served_every_preset_is_evicted_first() -> None:
     assert kept(cache, "busy") and not kept(cache, "done")
 
 
+def test_a_kept_intermediate_shrinks_to_what_its_presets_still_to_come_need() -> None:
+    """Once an original's largest preset is rendered, its kept decode is reduced for the smaller ones."""
+    cache = IntermediateCache(max_bytes=10**8, presets=("thumb", "medium", "large"))
+    needs = {"thumb": (150, 100), "medium": (800, 600), "large": (1600, 1200)}
+    claim = cache.lookup("x", (1600, 1200), lambda: needs["large"], "large")
+    assert isinstance(claim, Decode)
+    cache.done(claim, Intermediate(Image.new("RGB", (2400, 1800)), 2.0))
+    cache.shrink("x", lambda: needs)  # large rendered: medium needs 1200x900 of it
+    medium = cache.lookup("x", (800, 600), lambda: needs["large"], "medium")
+    assert isinstance(medium, Intermediate) and (medium.size, medium.scale) == ((1200, 900), 4.0)
+    assert cache.nbytes == 1200 * 900 * 4
+    cache.shrink("x", lambda: needs)  # thumb needs 225x150: reduced by 5 more (beyond what draft can do)
+    thumb = cache.lookup("x", (150, 100), lambda: needs["large"], "thumb")
+    assert isinstance(thumb, Intermediate) and (thumb.size, thumb.scale) == ((240, 180), 20.0)
+    assert cache.nbytes == 240 * 180 * 4
+    cache.shrink("x", lambda: needs)  # every preset served: left as it is, first to go
+    assert cache.nbytes == 240 * 180 * 4
+    again = cache.lookup("x", (1600, 1200), lambda: needs["large"], "large")  # another format of large: decode again
+    assert isinstance(again, Decode) and again.target == (1600, 1200)
+    cache.done(again, None)
+
+
+def test_a_kept_intermediate_is_not_shrunk_below_what_a_preset_to_come_needs() -> None:
+    cache = IntermediateCache(max_bytes=10**8, presets=("medium", "large"))
+    needs = {"medium": (1000, 750), "large": (1600, 1200)}
+    claim = cache.lookup("x", (1600, 1200), lambda: needs["large"], "large")
+    assert isinstance(claim, Decode)
+    cache.done(claim, Intermediate(Image.new("RGB", (2400, 1800)), 2.0))
+    cache.shrink("x", lambda: needs)  # medium needs 1500 of 2400 px: no integer factor serves it
+    assert cache.nbytes == 2400 * 1800 * 4
+    unconfigured = IntermediateCache(max_bytes=10**8)  # presets unknown: nothing to plan for
+    keep(unconfigured, "x", Intermediate(Image.new("RGB", (2400, 1800)), 2.0))
+    unconfigured.shrink("x", lambda: needs)
+    assert unconfigured.nbytes == 2400 * 1800 * 4
+
+
 def test_a_decode_under_way_is_waited_for_when_it_is_big_enough() -> None:
     """Renders of one original arriving together share its decode; one needing more claims the widest at once."""
     cache = IntermediateCache(max_bytes=10**8)
@@ -427,13 +464,23 @@ def test_concurrent_presets_of_one_original_decode_it_at_most_twice(corpus: Path
     def fresh() -> Pipeline:
         return Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits, presets.values())
 
-    def after(first: Preset, preset: Preset) -> bytes:
+    def after(earlier: tuple[Preset, ...], preset: Preset) -> bytes:
         pipeline = fresh()
-        render(pipeline, data, first)
+        for first in earlier:
+            render(pipeline, data, first)
         return render(pipeline, data, preset).body
 
-    # Each rendition is one rendered alone after some preset (whose decode it may have used), itself included.
-    expected = {name: {after(first, preset) for first in presets.values()} for name, preset in presets.items()}
+    # Each rendition is one rendered alone after some sequence of the other presets (whose decodes it may have used,
+    # and which shrank the kept decode to what the presets not rendered yet need), or after itself.
+    expected = {
+        name: {after((preset,), preset)}
+        | {
+            after(earlier, preset)
+            for count in range(len(presets))
+            for earlier in itertools.permutations([p for p in presets.values() if p != preset], count)
+        }
+        for name, preset in presets.items()
+    }
     for _ in range(5):
         shared = fresh()
         with ThreadPoolExecutor(len(presets)) as pool:
