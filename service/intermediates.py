@@ -56,6 +56,10 @@ class Intermediate:
         width, height = self._image.size
         return self.scale == 1 or (width >= decode_size[0] * DRAFT_GAP and height >= decode_size[1] * DRAFT_GAP)
 
+    def reduce(self, factor: int) -> Image.Image:
+        """The pixels shrunk by an integer ``factor`` (box filter): a new image."""
+        return self._image.reduce(factor)
+
     def shrunk(self, decode_size: tuple[int, int]) -> Intermediate:
         """A new intermediate reduced by the largest integer factor (box filter) after which it still serves
         ``decode_size``; this one when that factor is 1."""
@@ -63,7 +67,7 @@ class Intermediate:
         factor = int(min(width / max(decode_size[0] * DRAFT_GAP, 1), height / max(decode_size[1] * DRAFT_GAP, 1)))
         if factor < 2:
             return self
-        return Intermediate(self._image.reduce(factor), self.scale * factor)
+        return Intermediate(self.reduce(factor), self.scale * factor)
 
     def region(self, size: tuple[int, int], box: tuple[float, float, float, float]) -> Image.Image:
         """``box`` (in the original's coordinates) scaled to ``size``: reduce() then LANCZOS, in one pass.
