@@ -25,6 +25,7 @@ from service.errors import TooLarge, Unprocessable, UnsupportedMedia
 from service.formats import choose_format
 from service.geometry import output_size
 from service.intermediates import Decode, Intermediate, IntermediateCache
+from service.metrics import Timings
 from service.pipeline import Pipeline
 from service.presets import Preset
 from tests.imaging import DEFAULT_CONFIG, corpus_files, decode, psnr, render
@@ -278,8 +279,10 @@ def png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
-        b"IEND", b""
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
     )
 
 
@@ -524,3 +527,36 @@ def test_other_presets_of_an_original_render_from_its_intermediate(corpus: Path)
     render(off, data, presets["small"])
     render(off, data, presets["small"])
     assert off.intermediates.nbytes == 0 and off.intermediates.hits == 0
+
+
+def test_encoding_a_rendition_leaves_the_gil_to_other_threads() -> None:
+    """Pillow holds the GIL while its JPEG encoder writes into a BytesIO, for the whole encode; ``encode`` writes
+    into a memfd, where Pillow releases it. A thread ticking meanwhile (a render's event loop, the instance's other
+    render) must never be held up for most of the encode: with a BytesIO, it was held up for all of it."""
+    noise = Image.merge("RGB", [Image.effect_noise((3000, 3000), 80) for _ in range(3)])
+    source = io.BytesIO()
+    noise.save(source, "JPEG", quality=95)
+    timings = Timings()
+    longest = [0.0]
+    done = threading.Event()
+
+    def tick() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            now = time.perf_counter()
+            longest[0] = max(longest[0], now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        out = render(
+            PIPELINE, source.getvalue(), Preset("big", 3000, quality=95), forced_format="jpeg", timings=timings
+        )
+    finally:
+        done.set()
+        ticker.join()
+    assert decode(out.body).size == (3000, 3000)
+    encode = timings.stages["encode"]
+    print(f"encode {encode * 1000:.0f} ms; the ticking thread's longest wait {longest[0] * 1000:.1f} ms")
+    assert encode > 0.05 and longest[0] < encode / 2, (encode, longest[0])
