@@ -161,4 +161,3 @@ def check_canvas(canvas: tuple[int, int], limits: Limits) -> None:
     """Refuse a canvas over ``limits.max_pixels``: what every frame of an animation is decoded into."""
     if canvas[0] * canvas[1] > limits.max_pixels:
         raise TooLarge(f"a frame grows the image to {canvas[0]}x{canvas[1]} pixels, over limits.max_pixels")
-

@@ -185,6 +185,12 @@ def decoding() -> Iterator[None]:
         raise Unprocessable("corrupt or truncated image", detail) from exc
 
 
+# Bytes of the file handed to the decoder at once. Pillow's default, 64 KiB, makes a decode a loop of calls that
+# each take the GIL back (a wait whenever the event loop or another render holds it); 4 MiB decodes most
+# originals in one call, and bounds the copy of the file each call takes.
+DECODE_BLOCK = 4 * 1024 * 1024
+
+
 def open_image(data: bytes, limits: Limits) -> Image.Image:
     """Read the header only, and refuse an oversized image before a single pixel is decoded (and one with more
     container structures than Pillow should parse before it is even opened: guards.check_structure)."""
@@ -196,9 +202,7 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
     width, height = im.size
     if width * height > limits.max_pixels:
         raise TooLarge(f"image has {width}x{height} pixels, more than the limit of {limits.max_pixels}")
-    # Decoded in one call, which releases the GIL once (Pillow's default feeds the decoder 64 KiB at a time, and
-    # each chunk takes the GIL back: a wait whenever another thread holds it).
-    im.decodermaxblock = max(len(data), im.decodermaxblock)
+    im.decodermaxblock = DECODE_BLOCK
     return im
 
 
@@ -312,6 +316,7 @@ def decode_rewritten(data: bytes | None, want: tuple[int, int]) -> Image.Image |
         return None
     try:
         im = JpegImagePlugin.JpegImageFile(io.BytesIO(data))  # the class itself: Pillow's opener could make an MPO
+        im.decodermaxblock = DECODE_BLOCK
         im.draft(im.mode, want)
         im.load()
     except FILE_ERRORS:
