@@ -28,10 +28,10 @@ so a reader sees what happens to every pixel and in which order, and the output 
 - Crops: geometry.py places a cover crop by the origin's focal point, else the preset's gravity; "smart" gravity
   moves it, in ``smart_crop``, to the most salient window of a small copy of the intermediate (saliency.py).
   Animations use the gravity's point (smart: the centre): their frames are never kept as an intermediate.
-- Colour: embedded ICC profiles (RGB or CMYK, Adobe inverted CMYK included: Pillow un-inverts it on decode) are
-  converted to sRGB with littleCMS and then *dropped*: untagged images are sRGB on the web, and dropping saves
-  the bytes of a profile in every thumbnail. Grayscale stays grayscale (a gray profile is dropped unconverted).
-  CMYK without a profile falls back to Pillow's naive conversion, as there is no CMYK profile to assume.
+- Colour (service/colour.py): embedded ICC profiles (RGB or CMYK, Adobe inverted CMYK included: Pillow un-inverts it
+  on decode) are converted to sRGB with littleCMS and then *dropped*: untagged images are sRGB on the web, and
+  dropping saves the bytes of a profile in every thumbnail. Grayscale stays grayscale (a gray profile is dropped
+  unconverted). CMYK without a profile falls back to Pillow's naive conversion, as there is no CMYK profile to assume.
 - Intermediates (service/intermediates.py): each instance keeps a small LRU of decoded, shrunk-on-load originals
   by digest; a preset that needs no more pixels than the kept one resizes from it. When a later preset needs
   more, that second decode is made for the largest configured preset (``Pipeline.widest``): an original asked at
@@ -53,21 +53,20 @@ wraps nothing else): a bug of ours stays a logged 500, even when Pillow raises i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import itertools
 import math
 import os
 import struct
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
 from types import TracebackType
 
 import PIL
-from PIL import Image, ImageCms, ImageColor, ImageFile, ImageSequence, JpegImagePlugin
+from PIL import Image, ImageColor, ImageFile, ImageSequence, JpegImagePlugin
 
+from service.colour import to_srgb
 from service.config import Encoding, Limits
 from service.errors import TooLarge, Unprocessable, UnsupportedMedia
 from service.formats import (
@@ -91,7 +90,6 @@ from service.guards import check_canvas, check_structure, gif_frames
 from service.intermediates import Intermediate, IntermediateCache
 from service.jpeg import dc_only, quarter
 from service.metrics import Timings
-from service.offload import native_lock
 from service.origins import Focus
 from service.presets import Preset
 from service.saliency import salient_point
@@ -110,7 +108,6 @@ TRANSPOSES = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 PIL_DIR = os.path.dirname(PIL.__file__) + os.sep
 # The progressive-JPEG rewrites by draft scale (service/jpeg.py), with the decoder name that timings report:
 # at 1/8 the DC scans alone (same pixels), at 1/4 without the luma AC refinement scans (within 40 dB).
@@ -373,58 +370,6 @@ def orient(im: Image.Image, orientation: int) -> Image.Image:
     """Apply the EXIF orientation; the tag itself is never written to the output (see formats.save_options)."""
     transpose = TRANSPOSES.get(orientation)
     return im if transpose is None else im.transpose(transpose)
-
-
-def _build_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """A littleCMS transform from an embedded profile to sRGB (littleCMS transforms are safe to apply from several
-    threads at once); None for a profile that cannot convert these pixels."""
-    try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        space = profile.profile.xcolor_space.strip()
-        if (space, mode) not in (("RGB", "RGB"), ("RGB", "RGBA"), ("CMYK", "CMYK")):
-            return None  # gray profiles, or a profile that does not match the pixels: leave the pixels alone
-        out_mode = "RGBA" if mode == "RGBA" else "RGB"
-        return ImageCms.buildTransform(profile, SRGB, mode, out_mode, ImageCms.Intent.PERCEPTUAL)
-    except (ImageCms.PyCMSError, OSError, ValueError):
-        return None  # a broken profile is treated as none: better slightly-off colours than no image
-
-
-class TransformCache:
-    """The last ``size`` sRGB transforms, by the profile's digest (building one costs more than using it).
-
-    Keyed by digest, not by the profile's bytes: an embedded profile can be megabytes (JPEG APP2 chunks up to 16 MB,
-    a WebP ICCP chunk up to the whole file), and a cache keyed by the bytes would pin every one of them for the
-    process's life. Renders run on several native threads: every access holds a native lock.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._entries: OrderedDict[tuple[bytes, str], ImageCms.ImageCmsTransform | None] = OrderedDict()
-        self._lock = native_lock()
-
-    def get(self, icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-        key = (hashlib.sha256(icc).digest(), mode)
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key]
-        transform = _build_srgb_transform(icc, mode)
-        with self._lock:
-            self._entries[key] = transform
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-        return transform
-
-
-SRGB_TRANSFORMS = TransformCache(32)
-
-
-def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
-    """Convert pixels described by an embedded ICC profile to sRGB; CMYK always ends as RGB."""
-    transform = SRGB_TRANSFORMS.get(icc, im.mode) if icc else None
-    if transform is not None:
-        return ImageCms.applyTransform(im, transform)
-    return im.convert("RGB") if im.mode == "CMYK" else im
 
 
 def pad(im: Image.Image, lay: Layout, background: str, transparent: bool) -> Image.Image:

@@ -14,9 +14,10 @@ from typing import Any
 
 from PIL import Image, ImageChops, ImageCms, ImageStat
 
+from service.colour import SRGB
 from service.config import load_config
 from service.origins import content_digest
-from service.pipeline import SRGB, Pipeline, Rendition
+from service.pipeline import Pipeline, Rendition
 from service.presets import Preset
 
 DEFAULT_CONFIG = load_config(environ={})

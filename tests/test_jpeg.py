@@ -18,11 +18,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from service import pipeline as pipeline_module
+from service.colour import to_srgb
 from service.config import Limits
 from service.errors import Unprocessable
 from service.jpeg import dc_only, quarter, segments
 from service.metrics import Timings
-from service.pipeline import Pipeline, normalise_mode, orient, to_srgb
+from service.pipeline import Pipeline, normalise_mode, orient
 from tests.imaging import DEFAULT_CONFIG, corpus_files, decode, psnr, render
 
 PROGRESSIVE = ["02_seeding_16mp_progressive.jpg", "03_dragonfly_13mp_progressive.jpg", "04_picos_8mp_progressive.jpg"]
