@@ -94,12 +94,13 @@ def kept_exif(source: Image.Exif, keep: tuple[str, ...]) -> bytes | None:
 def save_options(fmt: str, quality: int, pixels: int, encoding: Encoding, exif: bytes | None) -> dict[str, object]:
     """Encoder settings for one output. ``icc_profile=None`` because Pillow's PNG encoder would otherwise
     re-embed the profile that littleCMS left in ``im.info`` (we convert to sRGB and drop it); only the
-    metadata passed in ``exif`` is written (never the orientation)."""
+    metadata passed in ``exif`` is written (never the orientation). A PNG (always a still: ANIMATED_OUTPUTS) is
+    written with its rows filtered but stored, for service/png.py to compress."""
     options: dict[str, object] = {"icc_profile": None}
     if fmt == "jpeg":
         options.update(quality=quality, optimize=True, progressive=pixels >= encoding.progressive_min_pixels)
     elif fmt == "png":
-        options.update(compress_level=encoding.png_compress_level)
+        options.update(compress_level=0)  # png.deflate_rows compresses at encoding.png_compress_level
     elif fmt == "webp":
         options.update(quality=quality, method=encoding.webp_method)
     elif fmt == "avif":

@@ -55,6 +55,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ({"encoding": {"negotiate": ["jxl"]}}, "encoding.negotiate: 'jxl' cannot be negotiated"),
         ({"encoding": {"negotiate": "avif"}}, "encoding.negotiate: expected list"),
         ({"encoding": {"avif_speed": 11}}, "encoding.avif_speed: must be from 0 to 10"),
+        ({"encoding": {"png_compress_level": 10}}, "encoding.png_compress_level: must be from 0 to 9"),
         ({"presets": {"small": {"width": 3, "negotiate": ["webp", "webp"]}}}, "presets.small.negotiate: a format is"),
         ({"gallery_page_size": 0}, "gallery_page_size: must be at least 1"),
         ({"limits": {"readiness_timeout": 0}}, "limits.readiness_timeout: must be more than 0"),
