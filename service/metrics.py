@@ -66,7 +66,8 @@ class Timings:
         self.source = ""  # where the original came from: memcached, origin, or shared (another request's fetch)
         self.intermediate = ""  # the kept decode: hit or miss ("" when none was looked up)
         # a fast path's decoder: "dc-only" or "quarter" for a progressive JPEG at 1/8 or 1/4 (service/jpeg.py),
-        # "libwebp" for a still WebP decoded by libwebp directly (service/webp.py); "" otherwise
+        # "libwebp" for a still WebP decoded by libwebp directly (service/webp.py), "libdeflate" for a PNG whose
+        # image data libdeflate inflated (service/png.py); "" otherwise
         self.decoder = ""
 
     @contextmanager

@@ -1,11 +1,13 @@
-"""PNG renditions compressed by libdeflate (service/png.py): the same pixels and chunks as Pillow writes, and
-really compressed."""
+"""PNG's deflate by libdeflate (service/png.py): renditions with the same pixels and chunks as Pillow writes, and
+really compressed; originals decoded to the same pixels as Pillow alone gives, or left to Pillow."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from service.pipeline import Pipeline
-from service.png import chunks, deflate_rows
+from service.errors import Unprocessable
+from service.pipeline import Pipeline, decode_rewritten, load, normalise_mode
+from service.png import SIGNATURE, chunks, deflate_rows, inflated
 from tests.hostile import saved
 from tests.imaging import DEFAULT_CONFIG, decode, render
 
@@ -101,7 +104,7 @@ def test_an_animation_is_refused() -> None:
     formats.ANIMATED_OUTPUTS)."""
     frames = [picture("RGB", 32, 32), picture("L", 32, 32).convert("RGB")]
     apng = saved(frames[0], "PNG", save_all=True, append_images=frames[1:], compress_level=0)
-    with pytest.raises(ValueError, match="animated"):
+    with pytest.raises(ValueError, match="only a still"):
         deflate_rows(apng, 6)
 
 
@@ -124,3 +127,111 @@ def test_a_png_rendition_is_compressed_with_the_same_pixels(kite: bytes) -> None
     pillows = saved(pixels, "PNG", compress_level=DEFAULT_CONFIG.encoding.png_compress_level)
     assert len(compressed.body) < len(plain.body) / 2
     assert len(compressed.body) <= len(pillows) * 1.05, (len(compressed.body), len(pillows))
+
+
+# ------------------------------------------------------------------------------------------------------ decoding
+
+
+def pillow_alone(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+def fast(data: bytes) -> Image.Image | None:
+    return decode_rewritten(inflated(data), PngImagePlugin.PngImageFile)
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    mode=st.sampled_from(MODES),
+    width=st.integers(1, 67),
+    height=st.integers(1, 23),
+    level=st.sampled_from([0, 1, 6, 9]),
+)
+def test_originals_decode_to_the_pixels_pillow_gives(mode: str, width: int, height: int, level: int) -> None:
+    data = saved(picture(mode, width, height), "PNG", compress_level=level)
+    out = fast(data)
+    assert out is not None
+    ref = pillow_alone(data)
+    assert (out.mode, out.size, out.tobytes()) == (ref.mode, ref.size, ref.tobytes())
+
+
+@pytest.mark.parametrize("name", ["12_kite_alpha.png", "15_fallenleaf_16bit.png"])
+def test_the_pipeline_inflates_corpus_pngs_with_libdeflate(corpus: Path, name: str) -> None:
+    """Pillow splits these into many IDAT chunks; the kept decode is Pillow's own, pixel for pixel."""
+    data = (corpus / name).read_bytes()
+    assert sum(kind == b"IDAT" for kind, _, _ in chunks(data)) > 1
+    pipeline = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
+    ctx = pipeline.plan(data, DEFAULT_CONFIG.presets["small"])
+    decoded = load(ctx, ctx.layout.decode_size)
+    assert ctx.timings.decoder == "libdeflate"
+    ref = normalise_mode(pillow_alone(data))
+    whole = decoded.region(ref.size, (0, 0, ref.width, ref.height))
+    assert (whole.mode, whole.tobytes()) == (ref.mode, ref.tobytes())
+
+
+def interlaced() -> bytes:
+    """A 1x1 red Adam7 PNG: only the first pass holds a pixel."""
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 1)
+    rows = zlib.compress(b"\x00\xff\x00\x00")
+    return SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def bad_checksum(data: bytes) -> bytes:
+    """The last IDAT's last four data bytes (the zlib stream's Adler-32) flipped, its chunk CRC kept valid."""
+    _, offset, length = [c for c in chunks(data) if c[0] == b"IDAT"][-1]
+    body = bytearray(data[offset + 4 : offset + 8 + length])
+    body[-4:] = bytes(b ^ 0xFF for b in body[-4:])
+    return data[: offset + 4] + bytes(body) + struct.pack(">I", zlib.crc32(body)) + data[offset + 12 + length :]
+
+
+def split_idats(data: bytes) -> bytes:
+    """A text chunk between two IDATs (the format forbids it)."""
+    _, offset, length = next(c for c in chunks(data) if c[0] == b"IDAT")
+    half = length // 2
+    idat = data[offset + 8 : offset + 8 + length]
+    return (
+        data[:offset]
+        + chunk(b"IDAT", idat[:half])
+        + chunk(b"tEXt", b"a\x00b")
+        + chunk(b"IDAT", idat[half:])
+        + data[offset + 12 + length :]
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        interlaced,
+        lambda: saved(picture("RGB", 20, 20), "PNG", save_all=True, append_images=[picture("L", 20, 20)]),
+    ],
+    ids=["interlaced", "animated"],
+)
+def test_what_does_not_qualify_is_left_to_pillow(make: Callable[[], bytes]) -> None:
+    """Each of these still decodes exactly as Pillow alone decodes it (the pipeline falls back to it)."""
+    data = make()
+    assert inflated(data) is None
+    pipeline = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
+    ctx = pipeline.plan(data, DEFAULT_CONFIG.presets["small"])
+    decoded = load(ctx, ctx.layout.decode_size)
+    assert ctx.timings.decoder == ""
+    ref = normalise_mode(pillow_alone(data))
+    assert decoded.region(ref.size, (0, 0, ref.width, ref.height)).tobytes() == ref.tobytes()
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [lambda data: data[: len(data) * 2 // 3], bad_checksum, split_idats],
+    ids=["cut", "bad-adler32", "split-idats"],
+)
+def test_a_broken_original_is_still_refused(corpus: Path, spoil: Callable[[bytes], bytes]) -> None:
+    """libdeflate refuses the stream; Pillow, decoding the original, reports it: never a half image."""
+    data = spoil((corpus / "12_kite_alpha.png").read_bytes())
+    assert inflated(data) is None
+    with pytest.raises(Unprocessable):
+        render(Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits), data, DEFAULT_CONFIG.presets["small"])
