@@ -17,11 +17,22 @@ So every render first takes one of ``render_threads`` slots shared by all instan
   already waiting: with every waiter polling, the unlucky ones were overtaken again and again and shed after
   ``render_wait`` while later ones rendered at once (seen in make bench under load: p99 pinned at 2 s). A render
   thread that frees a slot rings its own instance's doorbell (service/offload.py) and sends a datagram to every
-  other instance's bell (``bell-<pid>.sock`` in the folder), whose listener rings that instance's doorbell: the
+  other instance's bell (``bell-<pid>-<n>.sock`` in the folder), whose listener rings that instance's doorbell: the
   head of each line tries at once, the others in line sleep until the line moves. The head still polls every
   ``POLL`` seconds for a slot no bell announced (an instance killed mid-render). With a 2 ms poll and no bells, a
   freed slot idled 1-2 ms before a waiter took it (a page of 40 misses hands slots over about 40 times), and each
   instance with a waiting request spent 2-2.5% of a core polling.
+- The lines of a host's instances are served as one, oldest first. Each instance publishes when its head of line
+  arrived (``line-<pid>-<n>``, 8 bytes, in the folder), and a head, or a newcomer to an empty line, leaves a free
+  slot to an older head of another instance. With a line per instance and a race for each freed slot, nginx's hash
+  sending one instance twice the other's misses left that instance's line twice as long for the same share of
+  slots: in make bench's page mix, its waits reached render_wait (503s, p99 1.3-2 s) while the other's requests
+  rendered at once. Measured with the page mix alone (16 connections, 20 s, 2 instances): p99 1.49-1.60 s before,
+  1.19-1.22 s after for WebP, 0.72-0.88 s before, 0.61-0.62 s after for JPEG, at the cost of a slot idle for a
+  moment when it passes to another instance (JPEG 49.2-50.2 req/s against 50.4-52.2). A head that leaves its line
+  without a slot (shed, past its deadline) rings the other instances' bells, as a freed slot does: one of them
+  may have been leaving the slot to it. A published head older than ``render_wait`` plus a second, or of a
+  process that is gone, is ignored (an instance killed while it had a line).
 - A full line is seen before any origin work: a miss that arrives while ``render_queue`` others of its instance
   wait gets its 503 at once, before its original is fetched, hashed and stored in memcached (it would find the
   line full after its fetch as well, unless a slot freed meanwhile). A burst of distinct misses otherwise fetched
@@ -39,8 +50,10 @@ from __future__ import annotations
 import _socket
 import atexit
 import fcntl
+import itertools
 import logging
 import os
+import struct
 import tempfile
 import time
 from collections import deque
@@ -59,6 +72,7 @@ T = TypeVar("T")
 # seconds between the head of the line's attempts at a slot (one flock call per slot) when no bell rang: only
 # slots no bell announced (a killed instance's) wait for it
 POLL = 0.05
+_BUDGETS = itertools.count()  # names each budget's bell and head of line (two instances may share a process)
 
 
 def before_deadline(fn: Callable[[], T], deadline: float) -> T:
@@ -116,6 +130,11 @@ class RenderBudget:
         # _socket, not socket: gevent's patched sockets belong to the event loop, and release() runs on render threads
         self._sender = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
         self._bell: Path | None = None
+        self._name = f"{os.getpid()}-{next(_BUDGETS)}"  # this budget's bell and published head of line
+        self._head = self.folder / f"line-{self._name}"  # when this line's head arrived, or 0
+        self._head_fd = os.open(self._head, os.O_RDWR | os.O_CREAT, 0o660)
+        self.publish(None)
+        atexit.register(self._head.unlink, missing_ok=True)
 
     def try_acquire(self) -> int | None:
         """A free slot of the host, taken; None when all are busy."""
@@ -135,6 +154,39 @@ class RenderBudget:
         with self._lock:
             fcntl.flock(self._fds[slot], fcntl.LOCK_UN)
             self._held.discard(slot)
+        self.ring_others()
+
+    def publish(self, since: float | None) -> None:
+        """Tell the other instances when this instance's head of line arrived (``time.monotonic()``, the same
+        clock in every process of the host), or that its line is empty (None)."""
+        os.pwrite(self._head_fd, struct.pack("<d", since or 0.0), 0)
+
+    def older_waiting(self, since: float, max_age: float) -> bool:
+        """Whether another instance's head of line arrived before ``since`` (and less than ``max_age`` seconds ago:
+        an older one is left behind by a killed instance, whose file is removed once its process is gone)."""
+        if self._private is not None:
+            return False
+        oldest = time.monotonic() - max_age
+        for line in self.folder.glob("line-*"):
+            if line == self._head:
+                continue
+            try:
+                fd = os.open(line, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                raw = os.pread(fd, 8, 0)
+            finally:
+                os.close(fd)
+            other = struct.unpack("<d", raw)[0] if len(raw) == 8 else 0.0
+            if other and oldest < other < since:
+                return True
+            if other and other <= oldest and not _alive(int(line.name.split("-")[1])):
+                line.unlink(missing_ok=True)
+        return False
+
+    def ring_others(self) -> None:
+        """One datagram to every other instance's bell: a slot may be theirs to take."""
         for bell in self.folder.glob("bell-*.sock"):
             if bell == self._bell:
                 continue
@@ -153,7 +205,7 @@ class RenderBudget:
         """
         if self._private is not None:
             return  # no other process can free these slots
-        bell = self.folder / f"bell-{os.getpid()}.sock"
+        bell = self.folder / f"bell-{self._name}.sock"
         listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
         try:
             bell.unlink(missing_ok=True)  # a previous process with this pid
@@ -173,6 +225,25 @@ class RenderBudget:
         monkey.get_original("_thread", "start_new_thread")(receive, ())
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class _Ticket:
+    """A request waiting in its instance's line, with when it arrived."""
+
+    __slots__ = ("since",)
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+
+
 class Renderer:
     """Runs renders within the budget: wait a bounded time for a slot, never start past the deadline."""
 
@@ -181,7 +252,7 @@ class Renderer:
         self.spawn = spawn
         self.wait = wait
         self.queue = queue
-        self._line: deque[object] = deque()  # this instance's waiting requests, in order (only on the event loop)
+        self._line: deque[_Ticket] = deque()  # this instance's waiting requests, in order (only on the event loop)
         self._bell = make_doorbell()  # rung when a render (of any instance) frees its slot, or the line moves
         budget.listen(self._bell.ring)
 
@@ -221,26 +292,38 @@ class Renderer:
             RENDERS_IN_FLIGHT.dec()
 
     def _acquire(self, deadline: float) -> int:
-        slot = None if self._line else self.budget.try_acquire()  # never ahead of those already waiting
-        if slot is not None:
-            return slot
+        now = time.monotonic()
+        max_age = self.wait + 1.0  # a published head older than this is not waiting any more (see the docstring)
+        # never ahead of those already waiting: in this line, or at the head of an older line of another instance
+        if not self._line and not self.budget.older_waiting(now, max_age):
+            slot = self.budget.try_acquire()
+            if slot is not None:
+                return slot
         if self.waiting >= self.queue:
             raise Overloaded("too many images waiting to be rendered", retry_after=1)
-        until = min(deadline, time.monotonic() + self.wait)
-        ticket = object()
+        until = min(deadline, now + self.wait)
+        ticket = _Ticket(now)
         self._line.append(ticket)
+        if len(self._line) == 1:
+            self.budget.publish(now)
         RENDERS_QUEUED.inc()
+        slot = None
         try:
             while (remaining := until - time.monotonic()) > 0:
                 seen = self._bell.ticket()
                 head = self._line[0] is ticket
-                if head:
+                if head and not self.budget.older_waiting(ticket.since, max_age):
                     slot = self.budget.try_acquire()
                     if slot is not None:
                         return slot
                 self._bell.wait(seen, min(POLL, remaining) if head else remaining)
         finally:
+            was_head = self._line[0] is ticket
             self._line.remove(ticket)
+            if was_head:
+                self.budget.publish(self._line[0].since if self._line else None)
+                if slot is None:  # shed: another instance's head may have been leaving a free slot to this one
+                    self.budget.ring_others()
             self._bell.ring()  # the next in line may be the head now
             RENDERS_QUEUED.dec()
         raise Overloaded("busy rendering other images", retry_after=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -85,6 +86,59 @@ def test_waiting_requests_get_slots_first_come_first_served(tmp_path: Path) -> N
     for thread in [*threads, late]:
         thread.join(timeout=10)
     assert order == ["a", "b", "c", "newcomer"]
+
+
+def test_the_lines_of_a_host_are_served_oldest_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A free slot goes to the oldest head of line of the host, not to whichever instance asks first: a newcomer to
+    an empty line waits behind an older request of another instance (which here only learns of the slot from its
+    bell: POLL is 30 s). Per-instance lines racing for slots let the instance nginx sends more misses to wait
+    longest, up to render_wait (503s)."""
+    monkeypatch.setattr(budget, "POLL", 30.0)
+    first, second = RenderBudget(1, tmp_path), RenderBudget(1, tmp_path)  # two instances of one host
+    one = Renderer(first, spawn=lambda fn: fn, wait=20.0, queue=4)
+    other = Renderer(second, spawn=lambda fn: fn, wait=20.0, queue=4)
+    held = second.try_acquire()
+    order: list[str] = []
+
+    def wait(renderer: Renderer, name: str) -> None:
+        order.append(name)
+        order.append(f"{name} got {renderer._acquire(time.monotonic() + 20)}")
+
+    older = threading.Thread(target=wait, args=(other, "older"))
+    older.start()
+    deadline = time.monotonic() + 5
+    while other.waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert other.waiting == 1
+    time.sleep(0.2)  # in line is not yet asleep: let it find no slot and sleep (till its bell rings: POLL is 30 s)
+    second.release(held)  # rings the first instance's bell, not its own: the older request sleeps on
+    newcomer = threading.Thread(target=wait, args=(one, "newcomer"))
+    newcomer.start()
+    deadline = time.monotonic() + 5
+    while one.waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.2)
+    assert one.waiting == 1 and order == ["older", "newcomer"]  # the slot is free, and left to the older request
+    other._bell.ring()
+    older.join(timeout=10)
+    assert order[2] == "older got 0"
+    second.release(0)  # its render is over: the newcomer is the host's only waiter now
+    newcomer.join(timeout=10)
+    assert order[3:] == ["newcomer got 0"]
+
+
+def test_a_head_of_line_left_by_a_killed_instance_is_ignored(tmp_path: Path) -> None:
+    budget_ = RenderBudget(1, tmp_path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"line-{gone.stdout.strip()}-0"
+    live = tmp_path / f"line-{os.getppid()}-7"  # a process that is alive, with a head too old to be waiting
+    now = time.monotonic()
+    for path, since in ((dead, now - 30), (live, now - 30)):
+        path.write_bytes(struct.pack("<d", since))
+    assert not budget_.older_waiting(now, max_age=5)
+    assert not dead.exists() and live.exists()  # the dead one's file is removed, the live one's left to it
+    live.write_bytes(struct.pack("<d", now - 1))
+    assert budget_.older_waiting(now, max_age=5)
 
 
 # One instance's line with the host's only slot busy: when the render holding it ends, the two waiting requests must
