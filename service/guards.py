@@ -20,8 +20,9 @@ from PIL import Image, PngImagePlugin
 from service.config import Limits
 from service.errors import TooLarge
 from service.jpeg import SOS, STANDALONE, segments
+from service.png import SIGNATURE as PNG_SIGNATURE
+from service.png import chunks
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Bytes outside any segment (junk, or 0xFF fill bytes before a marker), at most 64 KiB at a time.
 _LOOSE_BYTES = re.compile(rb"(?:[^\xff]|\xff(?=\xff)){1,65536}")
 
@@ -106,13 +107,12 @@ def gif_frames(data: bytes, stop_after: int, limits: Limits | None = None) -> tu
 
 def png_chunks(data: bytes, stop_after: int) -> int:
     """The number of chunks in a PNG, from their length fields alone; counting stops past ``stop_after``."""
-    size, pos, chunks = len(data), len(PNG_SIGNATURE), 0
-    while pos + 8 <= size and chunks <= stop_after:
-        chunks += 1
-        if data[pos + 4 : pos + 8] == b"IEND":
+    count = 0
+    for _ in chunks(data):
+        count += 1
+        if count > stop_after:
             break
-        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
-    return chunks
+    return count
 
 
 def jpeg_header_steps(data: bytes, stop_after: int) -> int:

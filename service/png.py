@@ -32,12 +32,15 @@ INFLATE_MAX_BYTES = 64 * 1024 * 1024  # filtered rows: a 16 MP RGBA image; large
 STORED_BLOCK = 65_535  # the most a stored deflate block holds
 
 
-def chunks(png: bytes) -> Iterator[tuple[bytes, int, int]]:
-    """Each chunk as (type, offset of its length field, data length), in file order."""
+def chunks(png: bytes | memoryview) -> Iterator[tuple[bytes, int, int]]:
+    """Each chunk as (type, offset of its length field, data length), in file order, up to IEND: the one PNG chunk
+    walker (guards.py counts chunks with it). From the length fields alone: a length past the end ends the walk."""
     offset = len(SIGNATURE)
     while offset + 8 <= len(png):
         length, kind = struct.unpack_from(">I4s", png, offset)
         yield kind, offset, length
+        if kind == b"IEND":
+            return
         offset += 12 + length  # length, type, data, CRC
 
 
@@ -45,18 +48,19 @@ def chunks(png: bytes) -> Iterator[tuple[bytes, int, int]]:
 class Parts:
     """A PNG cut around its image data: whole chunks before and after it, and the IDAT chunks' data joined."""
 
-    before: list[bytes]
+    before: list[memoryview]
     data: bytes
-    after: list[bytes]
+    after: list[memoryview]
     rows: int  # the bytes of its filtered rows, 0 when not worked out (interlaced, unknown colour type)
     animated: bool
 
     @classmethod
     def of(cls, png: bytes) -> Parts:
         parts = cls([], b"", [], 0, False)
-        idat: list[bytes] = []
-        for kind, offset, length in chunks(png):
-            data = png[offset + 8 : offset + 8 + length]
+        view = memoryview(png)  # chunks are sliced without a copy: only the join copies the image data
+        idat: list[memoryview] = []
+        for kind, offset, length in chunks(view):
+            data = view[offset + 8 : offset + 8 + length]
             if kind == b"IHDR":
                 parts.rows = filtered_size(data)
             if kind in (b"acTL", b"fdAT"):
@@ -66,7 +70,7 @@ class Parts:
                     parts.rows = 0
                 idat.append(data)
             else:
-                (parts.after if idat else parts.before).append(png[offset : offset + 12 + length])
+                (parts.after if idat else parts.before).append(view[offset : offset + 12 + length])
         parts.data = b"".join(idat)
         return parts
 
