@@ -45,13 +45,15 @@ def run_wrk(
     cpus: set[int] | None = None,
     accept: str | None = None,
     timeout: float = 30.0,
+    cycle: bool = False,
 ) -> WrkResult:
-    """Load ``base_url`` (its own path when ``paths`` is None, else each of ``paths`` once) for ``duration`` s."""
+    """Load ``base_url`` for ``duration`` s: its own path when ``paths`` is None, else each of ``paths`` once, or
+    round and round with ``cycle`` (cache hits)."""
     wrk = shutil.which("wrk")
     if wrk is None:
         raise RuntimeError("wrk is not installed (make bench installs the Debian package)")
     threads = max(1, min(threads, connections))
-    env = {**os.environ, "BENCH_ACCEPT": accept or ""}
+    env = {**os.environ, "BENCH_ACCEPT": accept or "", "BENCH_CYCLE": "1" if cycle else ""}
     with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="bench-urls-") as url_file:
         if paths is not None:
             url_file.write("\n".join(paths) + "\n")

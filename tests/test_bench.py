@@ -36,6 +36,20 @@ def test_walker_requests_each_path_once_then_stops() -> None:
     assert result.mean_body_bytes == 100  # bodies only, as each side's encoder made them
 
 
+def test_cycling_walker_asks_every_path_round_and_round() -> None:
+    """B1's page of hits: every path of the list, again and again, for the whole run."""
+    paths = [f"/img/{i}.jpg" for i in range(10)]
+    server = CountingProxy(files={p: b"x" * 100 for p in paths})
+    try:
+        result = run_wrk(server.url, paths, duration=2, connections=2, threads=2, cycle=True)
+    finally:
+        server.close()
+    assert not result.exhausted and result.errors == 0
+    assert set(server.gets) == set(paths)
+    counts = sorted(server.gets.values())
+    assert counts[0] >= 5 and counts[-1] - counts[0] <= 2 * 2, counts  # even: each thread walks the list in turn
+
+
 def test_walker_counts_failed_answers() -> None:
     server = CountingProxy(files={})
     try:
