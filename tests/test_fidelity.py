@@ -18,7 +18,8 @@ import pytest
 from PIL import ExifTags, Image, ImageCms, ImageOps
 
 from service.colour import SRGB, to_srgb
-from service.pipeline import Pipeline, normalise_mode, open_image, orient
+from service.decoding import normalise_mode, open_image
+from service.pipeline import Pipeline, orient
 from service.presets import Preset
 from tests.imaging import DEFAULT_CONFIG, decode, mean_delta_e, psnr, render, visible
 

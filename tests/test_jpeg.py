@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from service import pipeline as pipeline_module
+from service import decoding
 from service.colour import to_srgb
 from service.config import Limits
+from service.decoding import normalise_mode
 from service.errors import Unprocessable
 from service.jpeg import dc_only, quarter, segments
 from service.metrics import Timings
-from service.pipeline import Pipeline, normalise_mode, orient
+from service.pipeline import Pipeline, orient
 from tests.imaging import DEFAULT_CONFIG, corpus_files, decode, psnr, render
 
 PROGRESSIVE = ["02_seeding_16mp_progressive.jpg", "03_dragonfly_13mp_progressive.jpg", "04_picos_8mp_progressive.jpg"]
@@ -151,7 +152,7 @@ def assert_quarter_close(data: bytes, preset_name: str, monkeypatch: pytest.Monk
     fast, decoder = rendition(data, preset_name)
     assert decoder == "quarter"
     with monkeypatch.context() as patch:
-        patch.delitem(pipeline_module.FAST_PATHS, 4)
+        patch.delitem(decoding.FAST_PATHS, 4)
         full, decoder = rendition(data, preset_name)
     assert decoder == ""
     db = psnr(fast, full)

@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
+from service.decoding import decode_rewritten, load, normalise_mode
 from service.errors import Unprocessable
-from service.pipeline import Pipeline, decode_rewritten, load, normalise_mode
+from service.pipeline import Pipeline
 from service.png import SIGNATURE, chunks, deflate_rows, inflated
 from tests.hostile import saved
 from tests.imaging import DEFAULT_CONFIG, decode, render
@@ -168,7 +169,7 @@ def test_the_pipeline_inflates_corpus_pngs_with_libdeflate(corpus: Path, name: s
     assert sum(kind == b"IDAT" for kind, _, _ in chunks(data)) > 1
     pipeline = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
     ctx = pipeline.plan(data, DEFAULT_CONFIG.presets["small"])
-    decoded = load(ctx, ctx.layout.decode_size)
+    decoded = load(ctx.source, ctx.data, ctx.layout.decode_size, ctx.timings)
     assert ctx.timings.decoder == "libdeflate"
     ref = normalise_mode(pillow_alone(data))
     whole = decoded.region(ref.size, (0, 0, ref.width, ref.height))
@@ -218,7 +219,7 @@ def test_what_does_not_qualify_is_left_to_pillow(make: Callable[[], bytes]) -> N
     assert inflated(data) is None
     pipeline = Pipeline(DEFAULT_CONFIG.encoding, DEFAULT_CONFIG.limits)
     ctx = pipeline.plan(data, DEFAULT_CONFIG.presets["small"])
-    decoded = load(ctx, ctx.layout.decode_size)
+    decoded = load(ctx.source, ctx.data, ctx.layout.decode_size, ctx.timings)
     assert ctx.timings.decoder == ""
     ref = normalise_mode(pillow_alone(data))
     assert decoded.region(ref.size, (0, 0, ref.width, ref.height)).tobytes() == ref.tobytes()

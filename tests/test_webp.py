@@ -20,9 +20,10 @@ import pytest
 from PIL import Image, ImageDraw, features
 
 from service import webp
+from service.decoding import FILE_ERRORS, load
 from service.errors import PhizerError, TooLarge
 from service.metrics import Timings
-from service.pipeline import FILE_ERRORS, Pipeline, Rendition, load
+from service.pipeline import Pipeline, Rendition
 from service.webp import LIBWEBP, decode_still
 from tests.hostile import saved
 from tests.imaging import DEFAULT_CONFIG, render
@@ -136,7 +137,7 @@ def test_generated_webps_decode_to_the_same_pixels(files: dict[str, bytes], name
 def test_the_pipeline_takes_the_fast_path_for_stills(corpus: Path, files: dict[str, bytes], name: str) -> None:
     data = (corpus / name).read_bytes() if name == CORPUS_WEBP else files[name]
     ctx = PIPELINE.plan(data, SMALL)
-    decoded = load(ctx, ctx.layout.decode_size)
+    decoded = load(ctx.source, ctx.data, ctx.layout.decode_size, ctx.timings)
     assert ctx.timings.decoder == "libwebp"
     ref = pillow_decode(data)
     whole = decoded.region(ref.size, (0, 0, ref.width, ref.height))
