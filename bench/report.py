@@ -229,15 +229,19 @@ def markdown(results: dict[str, Any]) -> str:
             f"fetched at once with {b4['concurrency']} connections (an HTTP/2 browser's page load). Model: "
             f"{b4['delay_s'] * 1000:.0f} ms + {b4['cpu_seconds'] * 1000:.0f} ms CPU / {b4['cores']} cores = "
             f"**{b4['model_s'] * 1000:.0f} ms**. The originals alone through the proxy (40 parallel GETs, no "
-            f"resizing): {b4['origin_only_page_s'] * 1000:.0f} ms.",
+            f"resizing): {b4['origin_only_page_s'] * 1000:.0f} ms. CPU on the same cores outside the model: the "
+            "instances' beyond the model's renders, the S3 server's and the delay proxy's, the bench's 40 client "
+            "threads'.",
             "",
-            "| round | page ms | slowest request ms | page / model | not cold misses | CPU s per instance |",
-            "|---|---|---|---|---|---|",
+            "| round | page ms | slowest request ms | page / model | not cold misses | CPU s per instance | "
+            "S3 + proxy CPU s | client CPU s |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in b4["rounds"]:
             lines.append(
                 f"| {r['round']} | {r['page_s'] * 1000:.0f} | {r['slowest_s'] * 1000:.0f} | {r['ratio']} | "
-                f"{r['not_cold_misses']} | {' / '.join(str(x) for x in r['instance_cpu_s'])} |"
+                f"{r['not_cold_misses']} | {' / '.join(str(x) for x in r['instance_cpu_s'])} | "
+                f"{r.get('origin_cpu_s', '-')} | {r.get('client_cpu_s', '-')} |"
             )
         lines += ["", f"Median page / model: **{b4['median_ratio']}x**.", ""]
     if "b5" in results:

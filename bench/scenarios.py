@@ -11,6 +11,7 @@ import hashlib
 import html
 import http.client
 import json
+import os
 import re
 import shutil
 import statistics
@@ -507,17 +508,23 @@ def b4_cold_page(
                     if proc is not None:
                         system.pin(proc.pid, cpus)
                 results = []
+                # What the same cores also run for the page, outside phizer and outside the model: the S3 server
+                # and the delay proxy (Python, copying every original), and this process's 40 client threads.
+                others = {"origin": [*_moto_pids(endpoint), proxy.pid], "client": [os.getpid()]}
                 for r in range(rounds + 1):
                     trees = [system.tree(proc.pid) for proc in stack.instances]
                     before = [system.cpu_seconds(t) for t in trees]
+                    before_others = {k: system.cpu_seconds(v) for k, v in others.items()}
                     page_time, answers = _page_fetch(stack.url, pages[r], concurrency)
                     spent = [round(system.cpu_seconds(t) - b, 2) for t, b in zip(trees, before, strict=True)]
+                    spent_others = {f"{k}_cpu_s": round(system.cpu_seconds(v) - before_others[k], 2)
+                                    for k, v in others.items()}
                     bad = [a for a in answers if a[0] != 200 or a[1] != "MISS"]
                     if r == 0:
                         continue
                     results.append({"round": r, "page_s": round(page_time, 3), "ratio": round(page_time / model, 3),
                                     "slowest_s": round(max(a[2] for a in answers), 3), "not_cold_misses": len(bad),
-                                    "instance_cpu_s": spent})
+                                    "instance_cpu_s": spent, **spent_others})
                     print(f"  round {r}: page {page_time * 1000:.0f} ms, model {model * 1000:.0f} ms", flush=True)
         finally:
             proxy.stop()
@@ -527,6 +534,21 @@ def b4_cold_page(
         "origin_only_page_s": round(origin_time, 3), "rounds": results,
         "median_ratio": round(statistics.median(x["ratio"] for x in results), 3),
     }
+
+
+def _moto_pids(endpoint: str) -> list[int]:
+    """The moto_server process serving ``endpoint`` (found by its command line: tests.support starts it)."""
+    port = urllib.parse.urlsplit(endpoint).port
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"moto_server") for a in argv) and str(port).encode() in argv:
+                found.append(int(entry.name))
+    return found
 
 
 def _origin_page_time(proxy_url: str, keys: list[str], concurrency: int) -> float:
