@@ -614,7 +614,6 @@ def verify(sample: Sample, presets: dict[str, dict[str, Any]]) -> str | None:
 
 
 # Logs ---------------------------------------------------------------------------------------------------------
-GUNICORN_LINE = re.compile(r"^\[[^]]*\] \[\d+\] \[(?P<level>[A-Z]+)\] (?P<message>.*)$")
 THREAD_FAILURE = re.compile(r"\) failed with (?P<exc>\w+)$")  # gevent's threadpool reporting a task's exception
 
 
@@ -640,6 +639,15 @@ def read_app_log(path: Path) -> dict[str, Any]:
             except ValueError:
                 messages[_normalise(line)] += 1
                 continue
+            if entry.get("error"):
+                tracebacks += 1
+            if str(entry.get("logger", "")).startswith("gunicorn"):  # gunicorn's own lines (service/logs.py)
+                gunicorn[str(entry.get("level")).upper()] += 1
+                if entry.get("level") != "info" or not re.match(
+                    r"(Starting|Listening|Using|Handling signal|Shutting)", str(entry.get("msg"))
+                ):
+                    messages[_normalise(f"[{str(entry.get('level')).upper()}] {entry.get('msg')}")] += 1
+                continue
             levels[str(entry.get("level"))] += 1
             statuses[str(entry.get("status"))] += 1
             if entry.get("level") not in ("info", "debug"):
@@ -647,11 +655,6 @@ def read_app_log(path: Path) -> dict[str, Any]:
             wait = (entry.get("stages_ms") or {}).get("wait")
             if isinstance(wait, int | float):
                 waits.append(wait)
-        elif match := GUNICORN_LINE.match(line):
-            gunicorn[match["level"]] += 1
-            if match["level"] != "INFO" or not re.match(r"(Starting|Listening|Using|Handling signal|Shutting)",
-                                                        match["message"]):
-                messages[_normalise(f"[{match['level']}] {match['message']}")] += 1
         elif line.startswith("Traceback"):
             tracebacks += 1
         elif match := THREAD_FAILURE.search(line):

@@ -71,6 +71,15 @@ control_socket_disable = True
 accesslog = None  # nginx logs every request; the app logs only errors
 errorlog = "-"
 loglevel = os.environ.get("PHIZER_LOG_LEVEL", "info")
+# gunicorn's own lines as JSON, like the app's (service/logs.py): one format for an operator's log pipeline.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "service.logs.JsonFormatter"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+    "loggers": {"gunicorn.error": {"level": loglevel.upper(), "handlers": ["stderr"], "propagate": False}},
+    "root": {"level": "WARNING", "handlers": ["stderr"]},  # the worker's own (service/logs.py) replaces it
+}
 proc_name = "phizer-" + os.environ.get("PHIZER_INSTANCE", "app")
 max_requests = int(os.environ.get("PHIZER_MAX_REQUESTS", "5000"))
 max_requests_jitter = int(os.environ.get("PHIZER_MAX_REQUESTS_JITTER", str(max_requests // 10)))

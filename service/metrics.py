@@ -1,4 +1,4 @@
-"""What operators see: Prometheus metrics, per-request stage timings (Server-Timing) and one JSON log line.
+"""What operators see: Prometheus metrics and per-request stage timings (Server-Timing); log lines: service/logs.py.
 
 Metrics use ``prometheus_client``'s multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set (the launcher and
 the systemd units set it, one folder per host): every instance writes its own files and any instance serves
@@ -13,7 +13,6 @@ has its own ``Timings``, written by one thread at a time.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -87,23 +86,3 @@ class Timings:
     def observe(self) -> None:
         for name, seconds in dict(self.stages).items():  # a snapshot: a render past its deadline may still write
             STAGE_SECONDS.labels(name).observe(seconds)
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: the record's ``fields`` (if any) plus time, level and message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower()}
-        line.update(getattr(record, "fields", {}))
-        if record.msg:
-            line["msg"] = record.getMessage()
-        if record.exc_info:
-            line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False)
-
-
-def configure_logging(level: str = "INFO") -> None:
-    """Every log record of the process to stderr (gunicorn's error log) as one JSON line (service/wsgi.py)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

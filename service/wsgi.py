@@ -8,7 +8,7 @@ import os
 
 from service.app import create_app
 from service.config import load_config
-from service.metrics import configure_logging
+from service.logs import configure_logging
 
 configure_logging(os.environ.get("PHIZER_LOG_LEVEL", "INFO"))
 

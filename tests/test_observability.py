@@ -44,10 +44,16 @@ def stack(corpus: Path, tmp_path_factory: pytest.TempPathFactory, fallback: supp
 
 
 def app_log_lines(stack: Stack) -> list[dict]:
-    """Every instance's JSON log lines (gunicorn's own start-up lines are not JSON)."""
+    """Every line of every instance's log, each one JSON object (the app's and gunicorn's own alike)."""
     time.sleep(0.3)  # an instance logs just after answering
-    return [json.loads(line) for log in stack.logs.glob("app-*.log") for line in log.read_text().splitlines()
-            if line.startswith("{")]  # fmt: skip
+    return [json.loads(line) for log in stack.logs.glob("app-*.log") for line in log.read_text().splitlines()]
+
+
+def test_gunicorns_own_lines_are_json_like_the_apps(stack: Stack) -> None:
+    """An operator's log pipeline reads one format: gunicorn's start-up lines too (service/logs.py)."""
+    messages = [line.get("msg", "") for line in app_log_lines(stack)]
+    assert sum(m.startswith("Booting worker with pid") for m in messages) == 2, messages
+    assert sum(m.startswith("Starting gunicorn") for m in messages) == 2, messages
 
 
 def test_counters_and_histograms_move_across_every_instance(stack: Stack, fallback: support.CountingProxy) -> None:
