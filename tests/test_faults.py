@@ -699,8 +699,8 @@ def test_instance_killed_mid_run(tmp_path: Path, originals: dict[str, bytes]) ->
             ]
             assert len(failed) <= 1 and cut == failed, report("failed requests besides one cut response", failed, stack)
             assert sum(1 for o in outcomes if killed_at < o.start < back_at) >= 10, "too little load while it was down"
-            # The new app-0 rejoins once nginx retries it (fail_timeout): renditions never made before are asked for
-            # until one is rendered there. Then keys it owned before the kill (warm keys, never asked at thumb in
+            # The new app-0 rejoins as soon as it answers (nginx: max_fails=0): renditions never made before are asked
+            # for until one is rendered there. Then keys it owned before the kill (warm keys, never asked at thumb in
             # WebP) are rendered there again, their originals now in memcached only, not in its memory.
             probes = [(k, p, a) for p in PRESETS for a in (JPEG, WEBP) for k in keys.probe]
             deadline, back = time.monotonic() + 30, ""

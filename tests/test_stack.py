@@ -273,7 +273,8 @@ def test_killed_instance_costs_no_request_and_comes_back(stack: Stack, caplog: p
         time.sleep(0.2)
     assert [name for name, old, _ in stack.restarts if old == victim.pid] == ["app-0"]
     assert f"app-0 (pid {victim.pid}) exited" in caplog.text
-    # It rejoins: once nginx retries it (fail_timeout), keys that hash to it are rendered there again.
+    # It rejoins: nginx never takes an instance out of its ring (max_fails=0), so keys that hash to it are rendered
+    # there again as soon as it answers.
     deadline, n, served_by = time.monotonic() + 30, 0, ""
     while served_by != "app-0" and time.monotonic() < deadline:
         n += 1
