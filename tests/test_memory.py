@@ -130,5 +130,5 @@ def test_workers_recycling_together_under_load_fail_no_request(tmp_path: Path) -
             (stack.logs / f"{stack.instance_name(i)}.log").read_text().count("Autorestarting worker") for i in range(2)
         )
     print(f"{sum(statuses.values())} requests, {recycles} recycles: {statuses}")
-    assert recycles >= 6, recycles
+    assert recycles >= 4, recycles  # 8-10 here in 6 s: each recycle waits for a new worker to boot
     assert set(statuses) <= {200, 502} and statuses[502] <= sum(statuses.values()) / 1000, statuses
