@@ -35,7 +35,7 @@ from service.config import Config
 from service.launcher import Stack
 from service.pipeline import Pipeline
 from service.procs import Process, free_port
-from tests.support import AWS_ENV, moto_s3, s3_client
+from tests.support import AWS_ENV, moto_s3, pid_of, s3_client
 
 PAUSE = 1.0  # seconds between two timed runs: in-flight work of the previous one drains
 
@@ -510,7 +510,8 @@ def b4_cold_page(
                 results = []
                 # What the same cores also run for the page, outside phizer and outside the model: the S3 server
                 # and the delay proxy (Python, copying every original), and this process's 40 client threads.
-                others = {"origin": [*_moto_pids(endpoint), proxy.pid], "client": [os.getpid()]}
+                moto = pid_of(["moto_server", endpoint.rsplit(":", 1)[1]])
+                others = {"origin": [moto, proxy.pid], "client": [os.getpid()]}
                 for r in range(rounds + 1):
                     trees = [system.tree(proc.pid) for proc in stack.instances]
                     before = [system.cpu_seconds(t) for t in trees]
@@ -534,21 +535,6 @@ def b4_cold_page(
         "origin_only_page_s": round(origin_time, 3), "rounds": results,
         "median_ratio": round(statistics.median(x["ratio"] for x in results), 3),
     }
-
-
-def _moto_pids(endpoint: str) -> list[int]:
-    """The moto_server process serving ``endpoint`` (found by its command line: tests.support starts it)."""
-    port = urllib.parse.urlsplit(endpoint).port
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(a.endswith(b"moto_server") for a in argv) and str(port).encode() in argv:
-                found.append(int(entry.name))
-    return found
 
 
 def _origin_page_time(proxy_url: str, keys: list[str], concurrency: int) -> float:

@@ -105,6 +105,19 @@ def moto_s3(log_dir: Path, tls: tuple[Path, Path] | None = None) -> Iterator[str
         proc.stop()
 
 
+def pid_of(words: list[str]) -> int:
+    """The pid of the process whose command line holds all of ``words`` (one the caller started, e.g. moto_s3's
+    server: it yields only its endpoint)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if all(any(word in arg for arg in argv) for word in words):
+            return int(cmdline.parent.name)
+    raise AssertionError(f"no process with {words}")
+
+
 def s3_client(endpoint: str, verify: str | None = None) -> Any:
     """A boto3 client for test set-up (the service makes its own)."""
     import boto3

@@ -168,24 +168,12 @@ def test_metrics_and_nginx_status_are_for_loopback_only(stack: Stack) -> None:
     assert get_from(stack, "127.0.0.2", "/small/photo-0.jpg") == 200  # images are for everyone
 
 
-def pid_of(words: list[str]) -> int:
-    """The pid of the process whose command line holds all of ``words`` (one this test started)."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if all(any(word in arg for arg in argv) for word in words):
-            return int(cmdline.parent.name)
-    raise AssertionError(f"no process with {words}")
-
-
 def test_readyz_follows_memcached_and_the_origins(tmp_path: Path) -> None:
     """Ready with memcached and S3 answering; unready (503, one line naming what) with both frozen; ready again
     after, with nothing restarted by hand. /healthz (liveness, no I/O) stays 200 throughout."""
     with support.moto_s3(tmp_path) as endpoint:
         support.s3_client(endpoint).create_bucket(Bucket="ready")
-        moto = pid_of(["moto_server", endpoint.rsplit(":", 1)[1]])
+        moto = support.pid_of(["moto_server", endpoint.rsplit(":", 1)[1]])
         env = {**support.AWS_ENV, "AWS_ENDPOINT_URL": endpoint, "PHIZER_ORIGINS": "s3://ready"}
         with Stack(tmp_path / "state", port=free_port(), instances=1, env=env) as stack:
             assert stack.memcached is not None
