@@ -162,8 +162,9 @@ class RenderBudget:
         os.pwrite(self._head_fd, struct.pack("<d", since or 0.0), 0)
 
     def older_waiting(self, since: float, max_age: float) -> bool:
-        """Whether another instance's head of line arrived before ``since`` (and less than ``max_age`` seconds ago:
-        an older one is left behind by a killed instance, whose file is removed once its process is gone)."""
+        """Whether another live instance's head of line arrived before ``since`` (and less than ``max_age`` seconds
+        ago: an older one is not waiting any more). A killed instance's head is never waited for: its file is
+        removed."""
         if self._private is not None:
             return False
         oldest = time.monotonic() - max_age
@@ -179,10 +180,14 @@ class RenderBudget:
             finally:
                 os.close(fd)
             other = struct.unpack("<d", raw)[0] if len(raw) == 8 else 0.0
-            if other and oldest < other < since:
-                return True
-            if other and other <= oldest and not _alive(int(line.name.split("-")[1])):
+            if not other or other >= since:
+                continue
+            # A killed instance leaves its head behind: never wait for it (its slots are already free), however
+            # recent. The liveness check runs only for an older head, not on every attempt.
+            if not _alive(int(line.name.split("-")[1])):
                 line.unlink(missing_ok=True)
+            elif oldest < other:
+                return True
         return False
 
     def ring_others(self) -> None:
