@@ -33,6 +33,7 @@ from bench.peer import Peer, Peers
 from bench.wrk import WrkResult, run_wrk
 from service.config import Config
 from service.launcher import Stack
+from service.memory import IDLE_CHECK_SECONDS
 from service.pipeline import Pipeline
 from service.procs import Process, free_port
 from tests.support import AWS_ENV, moto_s3, pid_of, s3_client
@@ -557,18 +558,24 @@ def _origin_page_time(proxy_url: str, keys: list[str], concurrency: int) -> floa
 
 
 def memory(stack: Stack, peers: Peers) -> dict[str, Any]:
-    """RSS after the run: each instance (gunicorn master + worker), memcached, nginx; thumbor for comparison."""
+    """RSS of each instance (gunicorn master + worker): its worker's peak, and after the run once the instances went
+    idle and gave their free heap back (service/memory.py); memcached, nginx; thumbor for comparison."""
     instances = []
     for proc in stack.instances:
         pids = system.tree(proc.pid)
-        instances.append({"name": proc.name, "rss_mb": round(sum(system.rss_mb(p) for p in pids), 1),
-                          "worker_rss_mb": round(max(system.rss_mb(p) for p in pids), 1)})
+        instances.append({"name": proc.name, "peak_rss_mb": round(sum(system.rss_mb(p, "VmHWM") for p in pids), 1)})
+    time.sleep(3 * IDLE_CHECK_SECONDS)  # the first quiet check trims
+    for proc, inst in zip(stack.instances, instances, strict=True):
+        pids = system.tree(proc.pid)
+        inst.update(rss_mb=round(sum(system.rss_mb(p) for p in pids), 1),
+                    worker_rss_mb=round(max(system.rss_mb(p) for p in pids), 1))
     return {
         "instances": instances,
         "memcached_rss_mb": round(system.rss_mb(stack.memcached.pid), 1) if stack.memcached else None,
         "nginx_rss_mb": round(sum(system.rss_mb(p) for p in system.tree(stack.nginx.pid)), 1) if stack.nginx else None,
         "thumbor_rss_mb": [round(system.rss_mb(p), 1) for p in peers.thumbor_pids()],
         "max_instance_rss_mb": max(i["rss_mb"] for i in instances),
+        "max_instance_peak_rss_mb": max(i["peak_rss_mb"] for i in instances),
     }
 
 

@@ -42,11 +42,11 @@ def pin(pid: int, cpus: set[int]) -> None:
                 os.sched_setaffinity(tid, cpus)
 
 
-def rss_mb(pid: int) -> float:
-    """Resident set size of one process, in MiB (0 when it is gone)."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident set size of one process, in MiB (0 when it is gone); ``field="VmHWM"``: its peak so far."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass

@@ -33,6 +33,8 @@ from typing import Any
 
 import gunicorn.util
 
+from service.memory import IdleTrim, rss_bytes, tune_malloc
+
 worker_class = "gevent"
 workers = 1
 worker_connections = int(os.environ.get("PHIZER_WORKER_CONNECTIONS", "1000"))
@@ -84,13 +86,6 @@ proc_name = "phizer-" + os.environ.get("PHIZER_INSTANCE", "app")
 max_requests = int(os.environ.get("PHIZER_MAX_REQUESTS", "5000"))
 max_requests_jitter = int(os.environ.get("PHIZER_MAX_REQUESTS_JITTER", str(max_requests // 10)))
 MAX_RSS_BYTES = int(os.environ.get("PHIZER_MAX_RSS_MB", "1024")) * 1024 * 1024
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes() -> int:
-    """Resident size of this process: the second field of /proc/self/statm, in pages."""
-    with open("/proc/self/statm", "rb") as statm:
-        return int(statm.read().split()[1]) * PAGE_BYTES
 
 
 def pre_request(worker: Any, req: Any) -> None:
@@ -156,36 +151,8 @@ def child_exit(server: Any, worker: Any) -> None:
         multiprocess.mark_process_dead(worker.pid)
 
 
-MMAP_THRESHOLD = 8 * 1024 * 1024  # allocations from this size on get their own mapping, returned on free
-TRIM_THRESHOLD = 8 * 1024 * 1024  # free memory a heap keeps at its top for the next allocations
-
-
 def post_fork(server: object, worker: object) -> None:
-    """In each worker, before it loads the app: malloc tuned for threaded renders."""
+    """In each worker, before it loads the app: malloc tuned for threaded renders, and its free memory given back
+    whenever it goes idle (service/memory.py)."""
     tune_malloc()
-
-
-def tune_malloc() -> None:
-    """Keep the worker's memory from creeping up under threaded renders (glibc malloc tuning).
-
-    Renders run on native threads (service/offload.py): glibc gives each thread its own arena, and after large
-    frees it raises its mmap threshold up to 32 MiB, so decoded images end up in arenas that never shrink (bench:
-    310-370 MB per instance after B2). Two arenas and an 8 MiB threshold send the big image buffers to mmap,
-    returned to the system on free (bench: 170-230 MB) for about 8% more CPU per miss (page faults); a 1 MiB
-    threshold saved little more memory for about 20% more CPU.
-
-    Setting the threshold also pins glibc's trim threshold at its 128 KiB default: every free at the top of a heap
-    gave the pages back, and the next original read, copied into memcached chunks or hashed (a few MB each, below
-    the mmap threshold) faulted them in again, which costs more than the copy itself on this VM (4.4 MB: a fresh
-    copy 1.7 ms, into pages the heap kept 0.3 ms). ``TRIM_THRESHOLD`` keeps up to that much free at a heap's top:
-    8 MiB holds such a buffer; 32 MiB (two arenas) left the instances at 290-370 MB after make bench, for no
-    measurable gain in the page mix (CPU per answer within noise of 8 MiB's).
-    """
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    libc.mallopt(m_arena_max, 2)
-    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
-    libc.mallopt(m_trim_threshold, TRIM_THRESHOLD)
+    IdleTrim().start()

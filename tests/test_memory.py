@@ -1,7 +1,8 @@
-"""Memory: metadata cannot pin memory (a real instance serving many distinct originals with fat metadata, megabytes
-of JPEG APPn segments each, which Pillow keeps on the image object and which the original's bytes back, keeps only
-their pixels, so its RSS stays within the intermediates budget plus a stated margin), and workers recycled for their
-size or request count fail no request in flight."""
+"""Memory: an idle worker gives back what a burst of renders left it holding (service/memory.py); metadata cannot
+pin memory (a real instance serving many distinct originals with fat metadata, megabytes of JPEG APPn segments
+each, which Pillow keeps on the image object and which the original's bytes back, keeps only their pixels, so its
+RSS stays within the intermediates budget plus a stated margin); workers recycled for their size or request count
+fail no request in flight."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import yaml
 from PIL import Image
 
 from service.launcher import Stack
+from service.memory import IDLE_CHECK_SECONDS, IdleTrim
 from service.procs import children_by_parent, free_port
 from tests import support
 from tests.hostile import fat_metadata_jpeg
@@ -132,3 +134,54 @@ def test_workers_recycling_together_under_load_fail_no_request(tmp_path: Path) -
     print(f"{sum(statuses.values())} requests, {recycles} recycles: {statuses}")
     assert recycles >= 4, recycles  # 8-10 here in 6 s: each recycle waits for a new worker to boot
     assert set(statuses) <= {200, 502} and statuses[502] <= sum(statuses.values()) / 1000, statuses
+
+
+IDLE_SLACK = 16 * 1024 * 1024  # what an idle worker may keep beyond its kept decodes after a burst
+BURST_ORIGINALS = ("01_kleiber_20mp_baseline.jpg", "02_seeding_16mp_progressive.jpg", "04_picos_8mp_progressive.jpg")
+
+
+def test_an_idle_instance_gives_back_the_memory_of_a_burst(tmp_path: Path) -> None:
+    """Renders reuse freed heap memory instead of faulting in fresh pages (service/memory.py), so a burst of large
+    renders leaves the worker big; once it idles, it must give that memory back (malloc_trim), within seconds."""
+    folder = tmp_path / "originals"
+    folder.mkdir()
+    copies = 12
+    for i in range(copies):  # distinct bytes (a trailing pad after EOI): distinct digests, no kept decode reused
+        name = BURST_ORIGINALS[i % len(BURST_ORIGINALS)]
+        (folder / f"{i:02d}.jpg").write_bytes((support.CORPUS / name).read_bytes() + b"\0" * (i + 1))
+    config = {"limits": {"intermediate_cache_bytes": BUDGET}}
+    with support.instance(tmp_path, [f"file://{folder}"], config=config) as (proc, url):
+        assert requests.get(f"{url}/thumb/{0:02d}.jpg", timeout=30).status_code == 200  # imports, thread pool
+        time.sleep(3 * IDLE_CHECK_SECONDS)
+        before = worker_rss(proc.pid)
+        with ThreadPoolExecutor(2) as pool:
+            statuses = list(
+                pool.map(lambda i: requests.get(f"{url}/large/{i:02d}.jpg", timeout=60).status_code, range(1, copies))
+            )
+        assert statuses == [200] * (copies - 1)
+        after_burst = worker_rss(proc.pid)
+        deadline = time.monotonic() + 10 * IDLE_CHECK_SECONDS
+        while (idle := worker_rss(proc.pid)) > before + BUDGET + IDLE_SLACK and time.monotonic() < deadline:
+            time.sleep(0.2)
+    print(
+        f"worker RSS: {before / 2**20:.0f} MiB idle before, {after_burst / 2**20:.0f} MiB after the burst, "
+        f"{idle / 2**20:.0f} MiB once idle"
+    )
+    assert after_burst > before + BUDGET + IDLE_SLACK  # the burst did leave the worker big: the check below can fail
+    assert idle <= before + BUDGET + IDLE_SLACK
+
+
+def test_idle_trim_trims_once_when_work_stops() -> None:
+    """Not while the process works (its free chunks are its next renders'), once when it goes quiet, not again."""
+    trims: list[int] = []
+    trim = IdleTrim(interval=0.05, idle_share=0.5, trim=trims.append)  # busy: over 25 ms of CPU between checks
+    time.sleep(0.05)
+    assert not trim.check() and trims == []  # idle from the start: nothing to give back
+    until = time.process_time() + 0.1
+    while time.process_time() < until:
+        pass
+    assert not trim.check() and trims == []  # working
+    time.sleep(0.1)
+    assert trim.check() and trims == [0]  # quiet after work: trimmed
+    time.sleep(0.1)
+    assert not trim.check() and trims == [0]  # still quiet: once is enough
