@@ -112,7 +112,7 @@ class Peers:
             png_compress_level=encoding.png_compress_level,
         )
         self.thumbor_ports = [free_port() for _ in range(instances)]
-        self.thumbor_port, self.static_port = free_port(), free_port()
+        self.thumbor_port, self.static_port, self.static_sendfile_port = free_port(), free_port(), free_port()
         self.ipx_port, self.ipx_proxy_port = free_port(), free_port()
         self.originals = originals
         _render(
@@ -123,13 +123,15 @@ class Peers:
             thumbors=[f"127.0.0.1:{port}" for port in self.thumbor_ports],
             thumbor_listen=f"127.0.0.1:{self.thumbor_port}",
             static_listen=f"127.0.0.1:{self.static_port}",
+            static_sendfile_listen=f"127.0.0.1:{self.static_sendfile_port}",
             static_root=str(static_root),
             ipx=f"127.0.0.1:{self.ipx_port}",
             ipx_listen=f"127.0.0.1:{self.ipx_proxy_port}",
         )
         self.cpus = cpus
         self.thumbor_url = f"http://127.0.0.1:{self.thumbor_port}"
-        self.static_url = f"http://127.0.0.1:{self.static_port}"
+        self.static_url = f"http://127.0.0.1:{self.static_port}"  # like phizer's nginx: no sendfile
+        self.static_sendfile_url = f"http://127.0.0.1:{self.static_sendfile_port}"  # a stock static nginx
         self.ipx_url = f"http://127.0.0.1:{self.ipx_proxy_port}"
         self.thumbor = Peer("thumbor", self.thumbor_url, thumbor_path)
         self.ipx = Peer("ipx", self.ipx_url, ipx_path)

@@ -253,14 +253,17 @@ def b1_cache_hit(bench: Bench, static_root: Path) -> dict[str, Any]:
             if (name, preset_name) == (B1_IMAGE, preset):
                 single = (path, static_paths[-1], len(body))
     page = lambda r: ((bench.stack.url, page_paths), (bench.peers.static_url, static_paths))  # noqa: E731
+    stock = lambda r: ((bench.stack.url, page_paths), (bench.peers.static_sendfile_url, static_paths))  # noqa: E731
     one = lambda r: ((bench.stack.url + single[0], None), (bench.peers.static_url + single[1], None))  # noqa: E731
-    for targets in (page, one):  # warm-up
+    for targets in (page, stock, one):  # warm-up
         for base, paths in targets(0):
             run_wrk(base, paths, duration=1, connections=connections, cpus=bench.cpus, cycle=True)
     page_rounds = _rounds(bench, page, bench.peers.nginx_pids, connections, B1_SECONDS, cycle=True)
+    stock_rounds = _rounds(bench, stock, bench.peers.nginx_pids, connections, B1_SECONDS, cycle=True)
     one_rounds = _rounds(bench, one, bench.peers.nginx_pids, connections, B1_SECONDS)
     return {"urls": len(page_paths), "mean_bytes": round(statistics.mean(sizes)), "connections": connections,
             "rounds": page_rounds, **_summary(page_rounds),
+            "sendfile": {"rounds": stock_rounds, **_summary(stock_rounds)},
             "single": {"url": single[0], "bytes": single[2], "rounds": one_rounds,
                        **_summary(one_rounds)}}
 
