@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from service.budget import before_deadline
 from service.config import Limits, MemcachedOptions
 from service.metrics import ORIGINALS, Timings
-from service.origins import DIGEST_CHARS, Focus, Original, content_digest, focus_text, parse_focus, version
+from service.original import DIGEST_CHARS, Focus, Original, content_digest, focus_text, parse_focus, version
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ revalidate with it) and nginx's cache key (else nginx keeps serving, or 304-reva
   (service/nginx_conf.py) and puts it in its cache key; after a change the old entries are never looked up again
   and age out (``cache_inactive``).
 - ``rendition_etag``: the fingerprint with the original's version (its digest, and the focal point its origin
-  gave, which moves cover crops: origins.Original.version), the URL-forced format and the format token.
+  gave, which moves cover crops: original.Original.version), the URL-forced format and the format token.
 
 Signed ad-hoc sizes (``/_/...``) have one fingerprint for nginx, ``adhoc_fingerprint``, of their shared settings
 (the size, fit and gravity are in the path, hence in nginx's cache key); their ETag takes the fingerprint of the

@@ -19,20 +19,19 @@ import errno
 import functools
 import logging
 import os
-import re
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import blake3
 import urllib3
 
 from service.config import Config, ConfigError, Limits
 from service.errors import BadGateway, GatewayTimeout, NotFound, TooLarge
 from service.metrics import ORIGIN_ERRORS
+from service.original import Original, parse_focus
 from service.public_net import AddressRefused, PublicHTTPPool, PublicHTTPSPool
 
 log = logging.getLogger(__name__)
@@ -42,75 +41,10 @@ ERROR_BODY_BYTES = 64 * 1024  # error and redirect bodies up to this size are re
 MAX_REDIRECTS = 3  # hops followed with ?redirects=same-host
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_PORTS = {"http": 80, "https": 443}
-DIGEST_CHARS = 32  # hex characters of the BLAKE3 digest kept: 128 bits
-# The origin's focal point, x,y as fractions of the upright image ("0.3,0.7"): S3 user metadata ``focus`` (sent as
-# the header x-amz-meta-focus, which HTTP origins may send too). Plain decimals only: Fraction or float parsing of
-# "1e-999999999" or "nan" has no business here.
+# An origin's focal point for an original (service/original.py parses it): S3 user metadata ``focus``, sent as the
+# header x-amz-meta-focus, which HTTP origins may send too.
 FOCUS_METADATA = "focus"
 FOCUS_HEADER = "X-Amz-Meta-Focus"
-_FOCUS_RE = re.compile(r"\s*([01]?(?:\.[0-9]{1,12})?)\s*,\s*([01]?(?:\.[0-9]{1,12})?)\s*", re.ASCII)
-
-
-def content_digest(data: bytes) -> str:
-    """An original's identity, for ETags and caches; the one place it is computed, so every check agrees.
-
-    BLAKE3: every miss hashes its original before it is rendered (the kept intermediates are found by digest),
-    on the request's path. Measured on a 4.4 MB photo: 0.6 ms, where SHA-256 with the CPU's SHA extensions took 2.3
-    (3.5 in a worker) and blake2b 4.3; 0.09 ms against 0.36 on a 0.7 MB one.
-    """
-    return blake3.blake3(data).hexdigest(length=DIGEST_CHARS // 2)
-
-
-Focus = tuple[float, float]
-
-
-def parse_focus(value: str | None, key: str = "") -> Focus | None:
-    """The focal point in an origin's ``focus`` metadata, rounded to a millionth; None when absent or malformed.
-
-    A malformed value is the uploader's mistake, not the viewer's: it is logged (once per fetch, so once per
-    original's life in memcached) and ignored, never an error.
-    """
-    if value is None:
-        return None
-    match = _FOCUS_RE.fullmatch(value)
-    point = tuple(float(part) for part in match.groups() if part not in ("", ".")) if match else ()
-    if len(point) != 2 or not all(0 <= v <= 1 for v in point):
-        log.warning("ignoring malformed focus %.40r of %r (expected x,y fractions such as 0.3,0.7)", value, key)
-        return None
-    return round(point[0], 6), round(point[1], 6)
-
-
-def focus_text(focus: Focus) -> str:
-    """The canonical text of a focal point (memcached's head item, the ETag): parse_focus reads it back."""
-    return f"{focus[0]:.6f},{focus[1]:.6f}"
-
-
-def version(digest: str, focus: Focus | None) -> str:
-    """An original's version: its digest, with its focal point when there is one."""
-    return digest if focus is None else f"{digest}@{focus_text(focus)}"
-
-
-@dataclass(frozen=True)
-class Original:
-    """An original's bytes and their digest (its identity for ETags and per-instance caches), the focal point
-    its origin gave (which changes cover crops, so it is part of ``version``), and ``fallback`` when a fallback
-    origin (not the first) served it: its renditions live shortly (config ``fallback_cache_*``)."""
-
-    data: bytes
-    digest: str
-    focus: Focus | None = None
-    fallback: bool = False
-    memcached: bool = True  # kept in memcached: its origin's ``memcached`` option (the chain sets it)
-
-    @classmethod
-    def from_bytes(cls, data: bytes, focus: Focus | None = None, fallback: bool = False) -> Original:
-        return cls(data=data, digest=content_digest(data), focus=focus, fallback=fallback)
-
-    @property
-    def version(self) -> str:
-        """What a rendition's ETag is built from: the digest, with the focal point when there is one (a new focus
-        on the same bytes gives new renditions)."""
-        return version(self.digest, self.focus)
 
 
 class OriginFailure(Exception):

@@ -80,7 +80,7 @@ from service.formats import (
 from service.geometry import Layout, Point, layout, refocused
 from service.intermediates import Intermediate, IntermediateCache
 from service.metrics import Timings
-from service.origins import Focus
+from service.original import Focus
 from service.png import deflate_rows
 from service.presets import Preset
 from service.saliency import salient_point

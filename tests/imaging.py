@@ -16,7 +16,7 @@ from PIL import Image, ImageChops, ImageCms, ImageStat
 
 from service.colour import SRGB
 from service.config import load_config
-from service.origins import content_digest
+from service.original import content_digest
 from service.pipeline import Pipeline, Rendition
 from service.presets import Preset
 

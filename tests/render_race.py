@@ -23,7 +23,7 @@ from PIL import Image
 from service.config import load_config
 from service.formats import ORIENTATION_TAG
 from service.offload import make_spawn
-from service.origins import content_digest
+from service.original import content_digest
 from service.pipeline import Pipeline
 from tests.support import CORPUS
 

@@ -13,7 +13,7 @@ from service.cache import Head
 from service.config import load_config
 from service.errors import BadGateway, NotFound
 from service.identity import etag_matches
-from service.origins import Original
+from service.original import Original
 
 
 class FakeStore:

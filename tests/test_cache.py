@@ -27,7 +27,8 @@ from service.cache import (
     origins_namespace,
 )
 from service.config import ConfigError, Limits, MemcachedOptions, parse_config
-from service.origins import Original, OriginChain, make_origin
+from service.original import Original
+from service.origins import OriginChain, make_origin
 from tests import support
 
 NAMESPACE = origins_namespace(["s3://tests/originals"])

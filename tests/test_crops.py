@@ -25,7 +25,7 @@ from service.config import ConfigError, Limits, MemcachedOptions, parse_config
 from service.geometry import crop_box
 from service.intermediates import Intermediate
 from service.launcher import Stack
-from service.origins import Original
+from service.original import Original
 from service.pipeline import Pipeline
 from service.presets import GRAVITIES, Preset
 from service.procs import free_port

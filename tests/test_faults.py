@@ -39,7 +39,7 @@ from PIL import Image
 from service.cache import MemcachedOriginals, origins_namespace
 from service.config import MemcachedOptions
 from service.launcher import Stack
-from service.origins import Original
+from service.original import Original
 from service.procs import Process, free_port, tcp_ready
 from tests.support import AWS_ENV, REPO, VENV_BIN, CountingProxy, memcached_argv, moto_s3, s3_client
 

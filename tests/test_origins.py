@@ -28,16 +28,15 @@ import pytest
 from service import public_net
 from service.config import ConfigError, Limits, parse_config
 from service.errors import BadGateway, GatewayTimeout, NotFound, TooLarge
+from service.original import Original, parse_focus
 from service.origins import (
     FileOrigin,
     HttpOrigin,
-    Original,
     OriginChain,
     OriginFailure,
     OriginTimeout,
     S3Origin,
     make_origin,
-    parse_focus,
 )
 from tests.support import AWS_ENV, CountingProxy, QuietServer, moto_s3, s3_client, self_signed_cert
 
@@ -324,7 +323,7 @@ def test_focus_comes_with_the_same_response(
     s3 = S3Origin("s3://focus-unit", Limits(), 1)
     assert s3.fetch("f.jpg") == Original.from_bytes(b"f", focus=(0.3, 0.7))
     assert s3.fetch("none.jpg") == Original.from_bytes(b"n")
-    with caplog.at_level(logging.WARNING, logger="service.origins"):
+    with caplog.at_level(logging.WARNING, logger="service.original"):
         assert s3.fetch("bad.jpg") == Original.from_bytes(b"b")
     assert "ignoring malformed focus 'north' of 'bad.jpg'" in caplog.text
     server = serve({"/a.jpg": send(200, b"a", {"X-Amz-Meta-Focus": " 1, .25 "}), "/b.jpg": send(200, b"b")})

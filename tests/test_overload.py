@@ -27,7 +27,7 @@ from service.config import load_config, parse_config
 from service.launcher import Stack
 from service.nginx_conf import config_vars
 from service.offload import RENDER_NICENESS, make_spawn
-from service.origins import Original
+from service.original import Original
 from service.procs import children_by_parent, free_port
 from tests.support import REPO, metric, metrics
 
