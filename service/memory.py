@@ -98,9 +98,10 @@ class IdleTrim:
         if not self._busy:
             return False
         self._busy = False
-        before = rss_bytes()
+        before = rss_bytes() if log.isEnabledFor(logging.DEBUG) else 0
         self._trim(0)
-        log.debug("idle: gave back %d MB of free heap", (before - rss_bytes()) // 2**20)
+        if before:
+            log.debug("idle: gave back %d MB of free heap", (before - rss_bytes()) // 2**20)
         return True
 
     def start(self) -> None:
