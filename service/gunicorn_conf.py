@@ -71,6 +71,7 @@ gunicorn.util.write_error = write_error  # loaded by the master before it forks:
 # Several instances per host: each must have its own control socket, or they fight over one.
 control_socket_disable = True
 accesslog = None  # nginx logs every request; the app logs only errors
+logger_class = "service.logs.GunicornLogger"  # no access log, even with the logconfig_dict below
 errorlog = "-"
 loglevel = os.environ.get("PHIZER_LOG_LEVEL", "info")
 # gunicorn's own lines as JSON, like the app's (service/logs.py): one format for an operator's log pipeline.

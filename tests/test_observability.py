@@ -13,9 +13,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import gunicorn.glogging
 import pytest
 import requests
+from gunicorn.config import Config
 
+from service import gunicorn_conf
 from service.launcher import Stack
 from service.procs import free_port
 from tests import support
@@ -190,3 +193,21 @@ def test_readyz_follows_memcached_and_the_origins(tmp_path: Path) -> None:
                 for pid in (stack.memcached.pid, moto):
                     os.kill(pid, signal.SIGCONT)
             assert requests.get(stack.url + "/readyz", timeout=10).status_code == 200
+
+
+def test_gunicorn_builds_no_access_log_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gunicorn's access log is off (nginx and the app log each request), and its workers never build a request's
+    log atoms for it: gunicorn counts the logconfig_dict as asking for one (service/logs.py's GunicornLogger)."""
+    cfg = Config()
+    for name in ("logger_class", "logconfig_dict", "accesslog", "errorlog", "loglevel"):
+        cfg.set(name, getattr(gunicorn_conf, name))
+
+    def atoms(*args: object) -> dict:
+        raise AssertionError("a request's access log atoms were built")
+
+    monkeypatch.setattr(gunicorn.glogging.Logger, "atoms", atoms)
+    with pytest.raises(AssertionError):  # gunicorn's own logger would build them with this configuration
+        gunicorn.glogging.Logger(cfg).access(None, None, {}, 0)
+    logger = cfg.logger_class(cfg)
+    assert not logger.access_log_enabled
+    logger.access(None, None, {}, 0)
