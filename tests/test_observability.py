@@ -81,10 +81,16 @@ def test_counters_and_histograms_move_across_every_instance(stack: Stack, fallba
     assert (broken.status_code, broken.text) == (502, "origin failed\n")  # the detail is logged, never shown
     for i in range(2):  # the same original at another preset: memcached or the kept decode (intermediate) answer
         assert requests.get(f"{stack.url}/medium/photo-{i}.jpg", timeout=30).status_code == 200
-    after = support.metrics(stack.url)
-
     def moved(name: str, **labels: str) -> float:
         return support.metric(after, name, **labels) - support.metric(before, name, **labels)
+
+    deadline = time.monotonic() + 10
+    while True:  # an answer's metrics are written just after it is sent (service/app.py's _AfterResponse)
+        after = support.metrics(stack.url)
+        if moved("phizer_requests_total", preset="medium", format="jpeg", status="200") >= 2:
+            break
+        assert time.monotonic() < deadline, "the last answers were never counted"
+        time.sleep(0.05)
 
     assert len(instances) == 2  # the scrape below covers both
     logged = next(line for line in app_log_lines(stack) if line.get("request_id") == broken.headers["X-Request-ID"])
