@@ -57,6 +57,9 @@ def test_gunicorns_own_lines_are_json_like_the_apps(stack: Stack) -> None:
     messages = [line.get("msg", "") for line in app_log_lines(stack)]
     assert sum(m.startswith("Booting worker with pid") for m in messages) == 2, messages
     assert sum(m.startswith("Starting gunicorn") for m in messages) == 2, messages
+    # Each worker froze the loaded app's objects (service/gunicorn_conf.py: no long collector pauses).
+    frozen = [int(m.split()[2]) for m in messages if m.startswith("App loaded: ")]
+    assert len(frozen) == 2 and min(frozen) > 10_000, messages
 
 
 def test_counters_and_histograms_move_across_every_instance(stack: Stack, fallback: support.CountingProxy) -> None:
