@@ -698,7 +698,10 @@ def test_instance_killed_mid_run(tmp_path: Path, originals: dict[str, bytes]) ->
                 and any(f" {o.path} " in line and '" 200 ' in line and victim_socket in line for line in lines)
             ]
             assert len(failed) <= 1 and cut == failed, report("failed requests besides one cut response", failed, stack)
-            assert sum(1 for o in outcomes if killed_at < o.start < back_at) >= 10, "too little load while it was down"
+            # Requests in flight at some moment of the outage (those at the kill, those started during it): on a slow
+            # machine a few slow renders can hold all the clients through the 1-1.5 s it lasts.
+            during = [o for o in outcomes if o.start < back_at and o.end > killed_at]
+            assert len(during) >= 10, "too little load while it was down"
             # The new app-0 rejoins as soon as it answers (nginx: max_fails=0): renditions never made before are asked
             # for until one is rendered there. Then keys it owned before the kill (warm keys, never asked at thumb in
             # WebP) are rendered there again, their originals now in memcached only, not in its memory.
