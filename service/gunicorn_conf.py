@@ -37,7 +37,9 @@ import os
 import random
 import signal
 import socket
+import sys
 import weakref
+from pathlib import Path
 from typing import Any
 
 import gunicorn.util
@@ -108,9 +110,9 @@ def post_worker_init(worker: Any) -> None:
     1,000 requests/s: two full collections of 20-23 ms in 10 s, each stalling the event loop (and every request of the
     instance), before; six of 0.5-1.2 ms after.
 
-    SIGTTOU asks the master for one worker fewer: after a hand-over (``_hand_over``) it stops the oldest one, the
-    worker being replaced; at any other start (the first, or after a crash) there is only one and the master
-    ignores it. SIGTERM from then on also lets go of the worker's idle kept-alive connections (``_let_go``).
+    When the master runs more workers than configured, this one was started by a hand-over (``_hand_over``):
+    SIGTTOU asks the master for one worker fewer, and it stops the oldest one, the worker being replaced. SIGTERM
+    from then on also lets go of the worker's idle kept-alive connections (``_let_go``).
     """
     gc.freeze()
     worker.log.info("App loaded: %d objects frozen out of the garbage collector's way", gc.get_freeze_count())
@@ -124,7 +126,16 @@ def post_worker_init(worker: Any) -> None:
 
     signal.signal(signal.SIGTERM, handle_term)
     signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn's: a SIGTERM never interrupts a request's system call
-    os.kill(worker.ppid, signal.SIGTTOU)
+    if _workers_of(worker.ppid) > worker.cfg.workers:
+        os.kill(worker.ppid, signal.SIGTTOU)
+
+
+def _workers_of(master: int) -> int:
+    """How many workers (children) the master has now; one more than configured while a worker is being replaced."""
+    try:
+        return len(Path(f"/proc/{master}/task/{master}/children").read_text().split())
+    except OSError:  # no such file (a kernel without it): ask anyway, the master ignores it with a single worker
+        return sys.maxsize
 
 
 def _hand_over(worker: Any, why: str) -> None:
@@ -154,12 +165,13 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
 
     nginx keeps idle connections to the instance (upstream ``keepalive``). A worker that stopped accepting waits
     for every connection it holds, up to ``graceful_timeout``, before it exits, and idle ones never end by
-    themselves: measured, every recycle then held new connections in the listening socket's backlog for the
-    whole 10 s (the fresh worker starts only after the old one exited), and gunicorn finally wrote an unsolicited
-    500 on each idle connection it killed. Shutting their reading side ends each waiting handler at once (gunicorn
-    closes the connection quietly, nginx drops it from its cache), so the worker exits as soon as the requests it
-    is serving are done. A request nginx was sending at that very moment gets a connection error on a cached
-    connection, which nginx retries on another connection (``proxy_next_upstream error``).
+    themselves: the worker lingered the whole 10 s (with gunicorn's own recycle, which starts the fresh worker only
+    after the old one exited, every recycle held new connections in the listening socket's backlog that long), and
+    gunicorn finally wrote an unsolicited 500 on each idle connection it killed. Shutting their reading side ends
+    each waiting handler at once (gunicorn closes the connection quietly, nginx drops it from its cache), so the
+    worker exits as soon as the requests it is serving are done. A request nginx was sending at that very moment
+    gets a connection error on a cached connection, which nginx retries on another connection
+    (``proxy_next_upstream error``).
     """
     sock = _connection(req)
     if worker.alive:
