@@ -19,12 +19,13 @@ way, without a pause in service:
 
 The hand-over (``_hand_over``): the worker asks its master for one more worker (SIGTTIN) and goes on serving; the
 new worker, once its app is loaded, asks the master for one fewer (SIGTTOU, in ``post_worker_init``), and the master
-stops its oldest worker, the one that asked, gracefully (SIGTERM: it stops accepting, finishes the requests it
-holds, up to ``graceful_timeout``, and exits) while the new one already accepts on the same listening socket.
-gunicorn's own recycle (its ``max_requests``, off here) starts the new worker only after the old one has exited:
-each recycle held the instance's misses in the socket's backlog for the old worker's last requests plus the new
-one's start, 1.6 s at p99 with 8 concurrent misses on 2 cores (measured; make bench's page mix saw 1-1.2 s p99 spikes
-in the rounds with a recycle).
+stops its oldest worker (with one worker per instance, the one that asked) gracefully (SIGTERM: it stops accepting,
+finishes the requests it holds, up to ``graceful_timeout``, and exits) while the new one already accepts on the same
+listening socket. gunicorn's own recycle (its ``max_requests``, off here) starts the new worker only after the old
+one has exited: each recycle held the instance's misses in the socket's backlog for the old worker's last requests
+plus the new one's start: 1.5 s at p99 with 8 concurrent misses on 2 cores, against 0.14-0.19 s with the hand-over
+(``python -m bench.recycle``: bench/results/recycle.md; make bench's page mix saw 1-1.2 s p99 spikes in the rounds
+with a recycle).
 
 Neither can stop one request that alone needs too much: that is the hard ceiling's job (systemd ``MemoryMax`` in
 the Ansible role, set above PHIZER_MAX_RSS_MB so the graceful recycle comes first; the kernel kills the instance

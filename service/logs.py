@@ -45,8 +45,8 @@ class GunicornLogger(Logger):
 
     nginx logs every request and the app writes its own line, so gunicorn's access log is not configured. But
     gunicorn counts any ``logconfig_dict`` as asking for one: after each response it built the request's log atoms
-    (a dict of every request header, response header and environ entry) for a logger that writes nowhere. Measured
-    with py-spy on sequential misses: 16% of a worker's event-loop time, about 0.3 ms per request.
+    (a dict of every request header, response header and environ entry) for a logger that writes nowhere: 64 us per
+    request when warm, the largest single entry (16%) of a worker's event-loop samples under sequential misses.
     """
 
     access_log_enabled = False  # gunicorn's workers ask this before building a request's atoms

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFilter
 
-from bench import encoders
+from bench import encoders, recycle
 from bench.peer import ipx_path, thumbor_path
 from bench.scenarios import _browser_page
 from bench.wrk import run_wrk
@@ -113,3 +113,15 @@ def test_ssim_orders_degradations() -> None:
     blurred = im.filter(ImageFilter.GaussianBlur(1))
     assert encoders.ssim(im, im) == pytest.approx(1.0)
     assert 1.0 > encoders.ssim(im, blurred) > encoders.ssim(im, im.filter(ImageFilter.GaussianBlur(4)))
+
+
+def test_recycle_tool_compares_both_ways(tmp_path: Path) -> None:
+    """bench.recycle end to end, small: both ways recycle the workers under its load and answer every miss."""
+    out = tmp_path / "recycle.md"
+    argv = ["--requests", "48", "--clients", "4", "--limit", "8", "--rounds", "1", "--state", str(tmp_path)]
+    assert recycle.main([*argv, "--out", str(out)]) == 0
+    rows = {row["mode"]: row for row in json.loads(out.with_suffix(".json").read_text())}
+    assert set(rows) == set(recycle.MODES)
+    for row in rows.values():
+        assert row["statuses"] == {"200": 48} and row["recycles"] >= 2, row
+    assert "| hand-over |" in out.read_text() and "| gunicorn |" in out.read_text()
