@@ -698,10 +698,12 @@ def test_instance_killed_mid_run(tmp_path: Path, originals: dict[str, bytes]) ->
                 and any(f" {o.path} " in line and '" 200 ' in line and victim_socket in line for line in lines)
             ]
             assert len(failed) <= 1 and cut == failed, report("failed requests besides one cut response", failed, stack)
-            # Requests in flight at some moment of the outage (those at the kill, those started during it): on a slow
-            # machine a few slow renders can hold all the clients through the 1-1.5 s it lasts.
+            # The load went on through the outage: every client had a request in flight at some moment of it, and
+            # new ones arrived during it. (Counting 10 starts within its 1-1.5 s failed on a 2-core machine where a
+            # fresh render on the surviving instance takes about a second: 4 and 7 such requests in make test.)
             during = [o for o in outcomes if o.start < back_at and o.end > killed_at]
-            assert len(during) >= 10, "too little load while it was down"
+            started = [o for o in during if o.start > killed_at]
+            assert len(during) >= CLIENTS and started, ("too little load while it was down", len(during), len(started))
             # The new app-0 rejoins as soon as it answers (nginx: max_fails=0): renditions never made before are asked
             # for until one is rendered there. Then keys it owned before the kill (warm keys, never asked at thumb in
             # WebP) are rendered there again, their originals now in memcached only, not in its memory.
