@@ -64,7 +64,7 @@ class Limits:
     # waits a little longer); a miss waits at most render_wait seconds for one of the host's render slots, and at
     # most render_queue misses of an instance wait at once: beyond either, 503 with Retry-After at once. Sized so
     # that cold pages are not an overload: an HTTP/2 browser asks for a whole page of thumbnails at once, and two
-    # pages of 40 photos on a 2-core host take 3-4 s to render (2 s and 32 shed 14-42 of their 80 images).
+    # pages of 40 photos on a 2-core host take 3-4 s to render (2 s and 32 shed 24-42 of their 80 images).
     request_timeout: float = 30.0
     render_wait: float = 5.0
     render_queue: int = 64
