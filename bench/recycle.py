@@ -46,8 +46,7 @@ def run(mode: str, state: Path, folder: Path, requests: int, clients: int, limit
     env = {"PHIZER_ORIGINS": f"file://{folder}?memcached=off"}
     env.update({name: value.format(limit=limit) for name, value in MODES[mode].items()})
     shutil.rmtree(state, ignore_errors=True)
-    latencies: list[float] = []
-    statuses: Counter[int] = Counter()
+    answers: list[tuple[int, float]] = []  # (status, seconds): list.append is atomic, a shared Counter's += is not
     with Stack(state, port=free_port(), instances=2, env=env) as stack:
         host, port = stack.url.removeprefix("http://").split(":")
 
@@ -58,8 +57,7 @@ def run(mode: str, state: Path, folder: Path, requests: int, clients: int, limit
                 conn.request("GET", f"/thumb/copy-{i}.jpg")
                 response = conn.getresponse()
                 response.read()
-                latencies.append(time.perf_counter() - start)
-                statuses[response.status] += 1
+                answers.append((response.status, time.perf_counter() - start))
 
         threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
         started = time.perf_counter()
@@ -70,7 +68,8 @@ def run(mode: str, state: Path, folder: Path, requests: int, clients: int, limit
         elapsed = time.perf_counter() - started
         logs = [(stack.logs / f"{stack.instance_name(i)}.log").read_text() for i in range(2)]
     recycles = sum(log.count("Recycling worker") + log.count("Autorestarting worker") for log in logs)
-    ordered = sorted(latencies)
+    ordered = sorted(seconds for _, seconds in answers)
+    statuses = Counter(status for status, _ in answers)
     return {
         "mode": mode,
         "seconds": round(elapsed, 2),

@@ -411,7 +411,8 @@ def test_cold_pages_are_not_an_overload(corpus: Path, tmp_path: Path) -> None:
     80 distinct misses at `small` on 2 instances: nginx's hash sends one of them 40-50, more than the old
     ``render_queue`` (32) let wait (7 of these 80 were shed). These renders take about 20 ms each (2.5-4 MP JPEGs
     drafted at 1/4), so the pages take about a second, well within the defaults; pages of heavier originals also
-    waited past the old ``render_wait`` (2 s): 14-42 of 80 shed on a 2-core host (service/config.py)."""
+    waited past the old ``render_wait`` (2 s): with both old defaults, 24-42 of 80 shed on a 2-core host
+    (service/config.py)."""
     folder = tmp_path / "originals"
     folder.mkdir()
     photos = [(corpus / name).read_bytes() for name in PAGE_PHOTOS]
