@@ -1,23 +1,35 @@
 """A worker's memory: glibc malloc tuned for threaded renders, and given back to the system once the worker idles.
 
 Renders allocate and free big buffers all the time: a decoded original (a 20 MP JPEG decoded whole for a 1600 px
-rendition is 80 MB, at 1/2 scale 20 MB), the resampler's intermediate, the output. Where such a buffer comes from
-decides a miss's cost:
+rendition is 80 MB, at 1/2 scale 20 MB), a progressive JPEG's coefficients (44 MB for 16 MP, even when only its DC
+scans are decoded), the resampler's intermediate, the output. Where such a buffer comes from decides a miss's cost:
 
-- a fresh mapping (glibc maps every allocation above its mmap threshold on its own and unmaps it on free) is
-  faulted in page by page, 4 KiB at a time, zeroed by the kernel and charged to the cgroup: in make bench's page
-  mix of misses, 12% of all CPU was page faults with an 8 MiB threshold (``perf record -a``);
+- a fresh mapping is faulted in page by page, 4 KiB at a time, zeroed by the kernel and charged to the cgroup: in
+  make bench's page mix of misses, 12% of all CPU was page faults with glibc's mmap threshold at 8 MiB
+  (``perf record -a``);
 - a heap chunk freed by an earlier render is already resident: no fault at all.
 
-So the threshold is glibc's highest (32 MiB, ``MMAP_THRESHOLD``; above it, glibc always maps) and a heap keeps up
-to as much free at its top (``TRIM_THRESHOLD``). Measured in make bench's B2 (page mix of JPEG misses against
-ipx, 2 rounds): 56.2 answers/s and 33.6 ms CPU each, against 51.5 and 36.4 ms with 8 MiB.
+glibc hands out fresh mappings in three ways, and each is closed here:
+
+- an allocation above the mmap threshold gets a mapping of its own, unmapped when freed; the threshold cannot go
+  above 32 MiB, so a 16 MP progressive JPEG's coefficients were mapped afresh on every decode. ``mmap`` is off
+  (``M_MMAP_MAX`` 0): every allocation comes from the heap;
+- a thread other than the main one gets an arena of its own, made of 64 MiB heaps, and glibc unmaps a heap as soon
+  as it is entirely free: render threads created and dropped a heap every two or three renders (seen with
+  ``strace``). One arena (``ARENAS``): the render threads share the main heap, which has no such limit;
+- the main heap gives back what is free at its top beyond the trim threshold after each free. ``TRIM_THRESHOLD``
+  keeps up to 128 MiB there for the next renders.
+
+Measured on 40 `small` thumbnails of distinct corpus originals through 2 instances (6 clients, six pages per run,
+two runs each): 81,000-99,000 minor faults and 1.43-1.47 s of instance CPU per page (medians) with 32 MiB thresholds
+and two arenas, the previous tuning; 9,800-10,300 faults and 1.32-1.36 s with this one, and the page 9% sooner. The
+same renders in one plain process take 1.23-1.26 s (with a single thread, glibc's defaults fault 6,000-15,000 times
+per page).
 
 The price is memory that stays resident after a burst: the freed chunks are the next render's, and glibc gives
-back only what sits at a heap's top. ``IdleTrim`` gives the rest back (``malloc_trim(0)``, which also releases
-free pages inside the heaps) once the worker has gone quiet after work, so an instance that served a burst
-returns to its idle size within seconds, while a busy one keeps reusing its buffers. Two arenas at most: glibc
-would otherwise give each render thread its own, each holding its own free chunks.
+back only what sits at the heap's top beyond the threshold. ``IdleTrim`` gives the rest back (``malloc_trim(0)``,
+which also releases free pages inside the heap) once the worker has gone quiet after work, so an instance that
+served a burst returns to its idle size within seconds, while a busy one keeps reusing its buffers.
 """
 
 from __future__ import annotations
@@ -32,14 +44,14 @@ from gevent import monkey
 
 log = logging.getLogger(__name__)
 
-MMAP_THRESHOLD = 32 * 1024 * 1024  # allocations from this size on get their own mapping (glibc's maximum)
-TRIM_THRESHOLD = 32 * 1024 * 1024  # free memory a heap keeps at its top for the next allocations
-ARENAS = 2
+TRIM_THRESHOLD = 128 * 1024 * 1024  # free memory the heap keeps at its top for the next allocations
+ARENAS = 1  # every thread allocates from the main heap (a thread's own arena unmaps its heaps as they empty)
+MMAPS = 0  # no allocation gets a mapping of its own: all come from the heap
 IDLE_CHECK_SECONDS = 1.0  # how often the idle trim looks at the worker's CPU time
 IDLE_CPU_SHARE = 0.02  # below this share of one core over a check, the worker is idle
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
 def _libc() -> ctypes.CDLL:
@@ -53,10 +65,12 @@ def rss_bytes() -> int:
 
 
 def tune_malloc() -> None:
-    """Set glibc's thresholds and arena count for this process (see the module's docstring)."""
+    """Set glibc's arena count, mappings and trim threshold for this process (see the module's docstring).
+
+    Called before the worker starts any thread: a thread that allocated earlier would keep an arena of its own."""
     libc = _libc()
     libc.mallopt(_M_ARENA_MAX, ARENAS)
-    libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    libc.mallopt(_M_MMAP_MAX, MMAPS)
     libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
