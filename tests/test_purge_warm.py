@@ -156,15 +156,15 @@ def test_purge_makes_every_rendition_a_miss_with_one_new_origin_get(
     cases += [("/small/p/photo.jpg", AVIF)]  # small's third token (thumb negotiates WebP only)
     cases += [("/fixed/p/photo.jpg", JPEG), ("/small/p/photo.jpg.webp", ""), ("/thumb/p/photo.jpg.png", "")]
     before = {}
+    assert get(stack, *cases[0]).status_code == 200  # the first miss fetches the original and stores it in memcached
+    wait_in_memcached(stack, "p/photo.jpg")  # a second miss of any entry below finds it there, not at the origin
     for path, accept in cases:
         assert get(stack, path, accept).status_code == 200
-        wait_in_memcached(stack, "p/photo.jpg")  # a second miss of the entry finds it there, not at the origin
         assert cached(stack, path, accept).headers["X-Cache-Status"] == "HIT", path
         hits = [get(stack, path, accept) for _ in range(4)]  # each nginx worker now holds the file open
         assert {r.headers["X-Cache-Status"] for r in hits} == {"HIT"}, path
         before[path, accept] = hits[0].content
     assert origin.gets["/p/photo.jpg"] == 1
-    wait_in_memcached(stack, "p/photo.jpg")
 
     origin.files["/p/photo.jpg"] = photos[1]  # replaced under the same key: caches still serve the old one
     assert get(stack, "/small/p/photo.jpg").headers["X-Cache-Status"] == "HIT"
